@@ -1,0 +1,140 @@
+"""Deep-feature stage: ROI crops → backbone embeddings, through the content-hashed cache."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from pdl1exp.features.backbones import build_backbone
+from pdl1exp.features.cache import FeatureCache
+from pdl1exp.features.extractor import DeepFeatureExtractor, ROIDataModule, Throughput
+from pdl1exp.features.weights import input_normalisation, load_weights
+from pdl1exp.hashing import content_key
+from pdl1exp.imaging.preprocess import build_transforms
+
+__all__ = ["Extraction", "extract_features", "extractor_code_version", "resolve_precision"]
+
+log = logging.getLogger(__name__)
+
+# Source files whose change must invalidate cached features.
+_CODE = ("features/extract.py", "features/extractor.py", "features/backbones.py",
+         "features/weights.py", "imaging/preprocess.py", "imaging/reader.py", "imaging/roi.py",
+         "data/images.py")
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """Result of the deep-feature stage.
+
+    Args:
+        table: one row per patient (index patient_id), columns ``dl_0000``...
+        cache_hit: True when no forward pass ran.
+        key: the feature-cache key.
+        weights_tag: what was really loaded (``imagenet:``/``file:``/``random:``).
+        precision: the precision the forward pass used (or would have used).
+        patients_per_s: throughput of the forward pass (0 on a cache hit).
+    """
+
+    table: pd.DataFrame
+    cache_hit: bool
+    key: str
+    weights_tag: str
+    precision: str
+    patients_per_s: float
+
+
+def extractor_code_version() -> str:
+    """Hash of the extractor's source files."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for name in _CODE:
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def resolve_precision(requested: str) -> str:
+    """``bf16-mixed`` where the hardware supports it, else full precision (with a warning)."""
+    if requested != "bf16-mixed":
+        return requested
+    if torch.cuda.is_available():
+        return requested if torch.cuda.is_bf16_supported() else "16-mixed"
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return requested
+    warnings.warn("this CPU has no bf16 support: extracting in fp32", UserWarning, stacklevel=2)
+    return "32-true"
+
+
+def _items(rois: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{"patient_id": pid, "image": row["image"], "mask": row["mask"]}
+            for pid, row in rois.iterrows()]
+
+
+def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictConfig,
+                     backbone: DictConfig, seed: int, cache_dir: str | Path,
+                     devices: str | int = "auto") -> Extraction:
+    """Embed every patient's ROI, or read the embeddings from the cache.
+
+    Args:
+        rois: index patient_id; columns ``image``, ``mask`` (paths), ``image_sha``,
+            ``mask_key`` (content identity of the mask).
+        preprocess: the ``preprocess`` config (spacing, orientation, window).
+        roi: the ``roi`` config (a ``TumourROId`` target).
+        backbone: the ``backbone`` config.
+        seed: seed of random weights.
+        cache_dir: the feature cache folder.
+        devices: Lightning devices.
+    """
+    net = build_backbone(name=backbone.arch, spatial_dims=backbone.spatial_dims,
+                         in_channels=roi.channels, multi_stage=backbone.multi_stage)
+    tag = load_weights(net, weights=str(backbone.weights), seed=seed, arch=backbone.arch,
+                       hub_dir=backbone.hub_dir, allow_download=backbone.allow_download)
+    precision = resolve_precision(str(backbone.precision))
+    tta_views = int(backbone.tta.n) if backbone.tta.enabled else 1
+    key = content_key({
+        "patients": rois[["image_sha", "mask_key"]].sort_index().to_dict("index"),
+        "preprocess": OmegaConf.to_container(preprocess, resolve=True),
+        "roi": OmegaConf.to_container(roi, resolve=True),
+        "backbone": {k: OmegaConf.to_container(backbone, resolve=True)[k]
+                     for k in ("arch", "spatial_dims", "multi_stage", "input_size")},
+        "weights": tag, "precision": precision, "tta_views": tta_views,
+        "code": extractor_code_version(),
+    })
+    cache = FeatureCache(cache_dir)
+    cached = cache.get(key)
+    if cached is not None:
+        log.info("Feature cache hit %s (%d patients, %d features)", key, *cached.shape)
+        return Extraction(cached, True, key, tag, precision, 0.0)
+
+    transform = build_transforms(spacing_mm=preprocess.spacing_mm, axcodes=preprocess.axcodes,
+                                 window_width=preprocess.window_width,
+                                 window_level=preprocess.window_level, roi=instantiate(roi))
+    mean, std = input_normalisation(tag)
+    module = DeepFeatureExtractor(net, mean=mean, std=std,
+                                  channels_last=backbone.channels_last, tta_views=tta_views)
+    data = ROIDataModule(_items(rois), transform, batch_size=backbone.batch_size,
+                         num_workers=backbone.num_workers)
+    throughput = Throughput()
+    trainer = pl.Trainer(accelerator="auto", devices=devices, precision=precision,
+                         logger=False, enable_checkpointing=False, enable_model_summary=False,
+                         callbacks=[throughput], inference_mode=True)
+    log.info("Extracting %s features (%s, %s) for %d patients", backbone.name, tag, precision,
+             len(rois))
+    batches = trainer.predict(module, datamodule=data)
+    ids = [pid for batch in batches for pid in batch["patient_id"]]
+    features = torch.cat([batch["features"] for batch in batches]).numpy()
+    table = pd.DataFrame(features, index=pd.Index(ids, name="patient_id"),
+                         columns=[f"dl_{i:04d}" for i in range(features.shape[1])])
+    cache.put(key, table)
+    log.info("Extracted %d patients at %.1f patients/s; cached as %s", len(table),
+             throughput.patients_per_s, key)
+    return Extraction(table, False, key, tag, precision, throughput.patients_per_s)

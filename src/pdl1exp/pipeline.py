@@ -1,0 +1,284 @@
+"""The experiment: cohort → ROIs → deep features → split → models → evaluation → MLflow.
+
+This module only wires the stages together, in order, and owns the MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from sklearn.base import clone
+
+from pdl1exp.data.manifest import Cohort, CohortError, Problem, load_cohort
+from pdl1exp.data.splits import assign_splits
+from pdl1exp.evaluation import (
+    delong_ci,
+    delong_test,
+    flatten_metrics,
+    metrics_with_ci,
+    youden_threshold,
+)
+from pdl1exp.features.extract import Extraction, extract_features
+from pdl1exp.hashing import content_key
+from pdl1exp.imaging.rois import prepare_rois
+from pdl1exp.models.clinical import SIGNATURE, clinical_pipeline, out_of_fold, signature
+from pdl1exp.models.tuning import TuningResult, sweep
+from pdl1exp.tracking import environment_tags, flatten, log_frame, log_params, setup, tracked_run
+
+__all__ = ["ModelResult", "run"]
+
+log = logging.getLogger(__name__)
+
+FEATURE_SETS = ("clinical", "dlr", "combined")
+
+
+@dataclass
+class ModelResult:
+    """One fitted model and its predictions.
+
+    Args:
+        feature_set: ``clinical``, ``dlr`` or ``combined``.
+        classifier: classifier name.
+        cv_auc: mean CV AUC on the training split (the model-selection criterion).
+        threshold: Youden cut-off chosen on the training split's out-of-fold predictions.
+        proba: split name → probabilities indexed by patient_id (``train`` apparent,
+            ``cv`` out-of-fold, ``test``, ``external_<center>``).
+        params: hyperparameters.
+        model: the pipeline fitted on the whole training split.
+        extra: additional artifacts (tables) for the child run.
+    """
+
+    feature_set: str
+    classifier: str
+    cv_auc: float
+    threshold: float
+    proba: dict[str, pd.Series]
+    params: dict[str, Any]
+    model: Any
+    extra: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.feature_set}/{self.classifier}"
+
+
+def _load_cohort(cfg: DictConfig) -> Cohort:
+    ds = cfg.dataset
+    path = instantiate(ds.generator).write() if ds.generator else ds.path
+    return load_cohort(path, tps_cutoff=ds.tps_cutoff, numeric=list(ds.clinical.numeric),
+                       categorical=list(ds.clinical.categorical), on_error=ds.on_error,
+                       air_hu=ds.validation.air_hu,
+                       geometry_tolerance_mm=ds.validation.geometry_tolerance_mm,
+                       n_jobs=ds.validation.n_jobs)
+
+
+def _rois(cfg: DictConfig, cohort: Cohort) -> tuple[pd.DataFrame, list[Problem]]:
+    seg = cfg.segmentation
+    segmenter = instantiate(seg.segmenter) if seg.method == "seeded" else None
+    params = OmegaConf.to_container(seg, resolve=True)
+    rois, problems = prepare_rois(cohort.table, segmenter=segmenter, segmentation_params=params,
+                                  mask_dir=Path(cfg.paths.cache_dir) / "masks",
+                                  n_jobs=cfg.dataset.validation.n_jobs)
+    if problems and cfg.dataset.on_error == "raise":
+        raise CohortError(cohort.source, problems)
+    return rois, problems
+
+
+def _split_probas(model: Any, X: pd.DataFrame, splits: pd.Series,
+                  centers: pd.Series) -> dict[str, pd.Series]:
+    """Probabilities of a fitted model on train (apparent), test and each external center."""
+    out = {}
+    for split in ("train", "test"):
+        rows = splits.index[splits == split]
+        if len(rows):
+            out[split] = pd.Series(model.predict_proba(X.loc[rows])[:, 1], index=rows)
+    external = splits.index[splits == "external"]
+    for center in sorted(centers.loc[external].unique()):
+        rows = external[centers.loc[external] == center]
+        name = f"external_{center or 'all'}"
+        out[name] = pd.Series(model.predict_proba(X.loc[rows])[:, 1], index=rows)
+    return out
+
+
+def _dlr_models(cfg: DictConfig, X: pd.DataFrame, y: pd.Series, splits: pd.Series,
+                centers: pd.Series, feature_key: str) -> list[ModelResult]:
+    train = splits.index[splits == "train"]
+    classifiers = OmegaConf.to_container(cfg.classifier, resolve=True)
+    selection = OmegaConf.to_container(cfg.selection, resolve=True)
+    tuning = OmegaConf.to_container(cfg.tuning, resolve=True)
+    study = content_key({"features": feature_key, "train": sorted(train),
+                         "selection": selection, "classifiers": classifiers,
+                         "tuning": {k: v for k, v in tuning.items() if k != "storage"}})
+    results: dict[str, TuningResult] = sweep(
+        X.loc[train], y.loc[train].to_numpy(), classifiers=classifiers, selection_cfg=selection,
+        tuning_cfg=tuning, storage=tuning["storage"], study_name=f"{cfg.name}/dlr/{study}")
+    models = []
+    for name, result in results.items():
+        model = clone(result.best_pipeline).fit(X.loc[train], y.loc[train].to_numpy())
+        proba = _split_probas(model, X, splits, centers)
+        proba["cv"] = result.oof_proba
+        threshold = youden_threshold(y.loc[train], result.oof_proba.loc[train])
+        models.append(ModelResult("dlr", name, result.cv_auc, threshold, proba,
+                                  result.best_params, model,
+                                  extra={"trials.csv": result.trials}))
+    return models
+
+
+def _logistic_model(cfg: DictConfig, feature_set: str, X: pd.DataFrame, y: pd.Series,
+                    splits: pd.Series, centers: pd.Series, numeric: list[str],
+                    categorical: list[str]) -> ModelResult:
+    train = splits.index[splits == "train"]
+    pipe = clinical_pipeline(cfg.clinical, numeric=numeric, categorical=categorical)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)  # unseen categories in a fold
+        oof = out_of_fold(pipe, X.loc[train], y.loc[train].to_numpy(),
+                          folds=cfg.tuning.cv_folds, seed=cfg.seed)
+        model = clone(pipe).fit(X.loc[train], y.loc[train].to_numpy())
+        proba = _split_probas(model, X, splits, centers)
+    proba["cv"] = pd.Series(oof, index=train)
+    cv_auc = delong_ci(y.loc[train], oof)[0]
+    threshold = youden_threshold(y.loc[train], oof)
+    return ModelResult(feature_set, "lr", cv_auc, threshold, proba, {}, model)
+
+
+def _evaluate(cfg: DictConfig, result: ModelResult, y: pd.Series) -> pd.DataFrame:
+    """Metrics with CIs of one model on every split, as long-format rows."""
+    ev = cfg.evaluation
+    rows = []
+    for split, proba in result.proba.items():
+        labels = y.loc[proba.index].to_numpy()
+        if len(np.unique(labels)) < 2:
+            log.warning("%s: split %s has one class only; metrics skipped", result.name, split)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=RuntimeWarning)
+            table = metrics_with_ci(labels, proba.to_numpy(), result.threshold,
+                                    n_boot=ev.n_boot, level=ev.level, seed=cfg.seed)
+        for metric, (estimate, lower, upper) in table.items():
+            rows.append({"feature_set": result.feature_set, "classifier": result.classifier,
+                         "split": split, "n": len(labels), "metric": metric,
+                         "estimate": estimate, "ci_lower": lower, "ci_upper": upper})
+    return pd.DataFrame(rows)
+
+
+def _split_metrics(metrics: pd.DataFrame) -> dict[str, float]:
+    """DESIGN.md metric names for one model's rows (DeLong AUC kept as ``auc_delong``)."""
+    flat: dict[str, float] = {}
+    for split, group in metrics.groupby("split"):
+        values = {r.metric: (r.estimate, r.ci_lower, r.ci_upper) for r in group.itertuples()}
+        flat.update(flatten_metrics(str(split), values))
+    return {k: float(v) for k, v in flat.items() if np.isfinite(v)}
+
+
+def _delong_table(models: list[ModelResult], y: pd.Series) -> pd.DataFrame:
+    """Paired DeLong tests on the test split between every pair of models."""
+    rows = []
+    tested = [m for m in models if "test" in m.proba]
+    for i, a in enumerate(tested):
+        for b in tested[i + 1:]:
+            idx = a.proba["test"].index
+            z, p = delong_test(y.loc[idx], a.proba["test"], b.proba["test"].loc[idx])
+            rows.append({"split": "test", "model_a": a.name, "model_b": b.name, "z": z, "p": p})
+    return pd.DataFrame(rows, columns=["split", "model_a", "model_b", "z", "p"])
+
+
+def _selected_features(model: Any) -> pd.DataFrame:
+    """Features kept by the selection step of a fitted pipeline and their LASSO weights."""
+    for _, step in getattr(model, "steps", []):
+        if hasattr(step, "selected_features_") and hasattr(step, "coef_"):
+            return pd.DataFrame({"feature": step.selected_features_, "coefficient": step.coef_})
+    return pd.DataFrame(columns=["feature", "coefficient"])
+
+
+def _log_child(result: ModelResult, metrics: pd.DataFrame, tags: dict[str, str]) -> None:
+    with tracked_run(result.name, nested=True, tags={**tags, "feature_set": result.feature_set,
+                                                    "classifier": result.classifier}):
+        log_params({"classifier": result.classifier, "feature_set": result.feature_set,
+                    "threshold": result.threshold, **result.params})
+        mlflow.log_metrics(_split_metrics(metrics))
+        for name, frame in result.extra.items():
+            log_frame(frame, name)
+
+
+def run(cfg: DictConfig) -> float:
+    """Run one experiment; return the selected model's CV AUC (the sweep objective)."""
+    logging.getLogger("pdl1exp").setLevel(cfg.log_level)
+    unknown = set(cfg.feature_sets) - set(FEATURE_SETS)
+    if unknown or ("combined" in cfg.feature_sets and "dlr" not in cfg.feature_sets):
+        msg = (f"feature_sets must be drawn from {FEATURE_SETS} (combined needs dlr), got "
+               f"{list(cfg.feature_sets)}")
+        raise ValueError(msg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    setup(cfg.tracking.uri, cfg.tracking.experiment)
+    tags = {**environment_tags(), "config_hash": content_key(resolved), "experiment": cfg.name}
+    with tracked_run(cfg.name, tags=tags):
+        log_params(flatten(resolved))
+        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        cohort = _load_cohort(cfg)
+        mlflow.set_tag("data_hash", cohort.data_hash)
+        rois, roi_problems = _rois(cfg, cohort)
+        problems = cohort.problems + roi_problems
+        if problems:
+            log_frame(pd.DataFrame([vars(p) for p in problems]), "excluded_patients.csv")
+        table = cohort.table.loc[rois.index]
+        y = table["label"]
+        splits = assign_splits(table, test_size=cfg.dataset.test_size, seed=cfg.seed)
+        log_frame(pd.DataFrame({"split": splits, "label": y}), "splits.csv", index=True)
+        mlflow.log_metrics({f"n_{s}": int((splits == s).sum()) for s in splits.unique()})
+
+        models: list[ModelResult] = []
+        if "clinical" in cfg.feature_sets:
+            models.append(_logistic_model(cfg, "clinical", table, y, splits, table["center"],
+                                          cohort.numeric, cohort.categorical))
+        if "dlr" in cfg.feature_sets:
+            extraction: Extraction = extract_features(
+                rois, preprocess=cfg.preprocess, roi=cfg.roi, backbone=cfg.backbone,
+                seed=cfg.seed, cache_dir=Path(cfg.paths.cache_dir) / "features")
+            mlflow.set_tags({"backbone_weights": extraction.weights_tag,
+                             "feature_cache": "hit" if extraction.cache_hit else "miss",
+                             "feature_cache_key": extraction.key,
+                             "precision": extraction.precision})
+            X = extraction.table.loc[rois.index]
+            dlr = _dlr_models(cfg, X, y, splits, table["center"], extraction.key)
+            models.extend(dlr)
+            best_dlr = select_best_model(dlr)
+            log_frame(_selected_features(best_dlr.model), "selected_features.csv")
+            if "combined" in cfg.feature_sets:
+                combined = table.copy()
+                combined[SIGNATURE] = signature(pd.concat(
+                    [best_dlr.proba["cv"], *(p for s, p in best_dlr.proba.items()
+                                             if s not in ("train", "cv"))]).loc[rois.index])
+                models.append(_logistic_model(cfg, "combined", combined, y, splits,
+                                              table["center"], [*cohort.numeric, SIGNATURE],
+                                              cohort.categorical))
+
+        metrics = pd.concat([_evaluate(cfg, m, y) for m in models], ignore_index=True)
+        log_frame(metrics, "metrics.csv")
+        log_frame(_delong_table(models, y), "delong_tests.csv")
+        for model in models:
+            rows = metrics[(metrics.feature_set == model.feature_set)
+                           & (metrics.classifier == model.classifier)]
+            _log_child(model, rows, tags)
+        best = select_best_model(models)
+        rows = metrics[(metrics.feature_set == best.feature_set)
+                       & (metrics.classifier == best.classifier)]
+        mlflow.log_metrics(_split_metrics(rows))
+        mlflow.set_tags({"best_feature_set": best.feature_set,
+                         "best_classifier": best.classifier})
+        log.info("Selected %s (CV AUC %.3f); metrics in MLflow run %s", best.name, best.cv_auc,
+                 mlflow.active_run().info.run_id)
+        return float(best.cv_auc)
+
+
+def select_best_model(models: list[ModelResult]) -> ModelResult:
+    """The model with the highest training CV AUC (never chosen on test data)."""
+    return max(models, key=lambda m: m.cv_auc)

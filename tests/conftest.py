@@ -1,0 +1,51 @@
+"""Shared fixtures: the real Hydra config, a tiny synthetic cohort on disk."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+# A cohort small enough for unit tests (64² in-plane, ~12-20 slices).
+TINY = {
+    "n_patients": 16, "shape_xy": [64, 64], "z_extent_mm": 30.0,
+    "spacing_xy_mm": [0.9, 1.1], "slice_spacings_mm": [1.5, 2.5], "n_jobs": 1,
+}
+
+
+@pytest.fixture
+def compose_cfg() -> Iterator[Callable[..., DictConfig]]:
+    """Compose ``conf/config.yaml`` with overrides, as the command line would."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield lambda *overrides: compose("config", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    """Overrides running the pipeline on a tiny cohort with every output under ``root``."""
+    return [
+        f"paths.cache_dir={root}/cache",
+        f"tracking.uri=sqlite:///{root}/mlruns/mlflow.db",
+        f"tuning.storage=sqlite:///{root}/mlruns/optuna.db",
+        "dataset.validation.n_jobs=1",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Manifest path of a 16-patient synthetic cohort (written once per session)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config")
+    GlobalHydra.instance().clear()
+    root = tmp_path_factory.mktemp("cohort")
+    generator = instantiate(cfg.dataset.generator, cache_dir=str(root), **TINY)
+    return generator.write()

@@ -1,0 +1,83 @@
+"""Tests of the MONAI feature backbones: embedding sizes, multi-stage pooling, layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.nets import resnet18, resnet50
+
+from pdl1exp.features.backbones import build_backbone
+
+
+@pytest.mark.parametrize(
+    ("name", "spatial_dims", "multi_stage", "dim"),
+    [
+        ("resnet50", 2, False, 2048),
+        ("resnet18", 2, False, 512),
+        ("densenet121", 2, False, 1024),
+        ("resnet50", 3, False, 2048),
+        ("resnet18", 3, False, 512),
+        ("resnet50", 2, True, 256 + 512 + 1024 + 2048),
+        ("resnet18", 3, True, 64 + 128 + 256 + 512),
+    ],
+)
+def test_embedding_dims(name, spatial_dims, multi_stage, dim):
+    net = build_backbone(name=name, spatial_dims=spatial_dims, multi_stage=multi_stage).eval()
+    assert net.embedding_dim == dim
+    x = torch.rand(2, 3, *([32] * spatial_dims))
+    with torch.inference_mode():
+        out = net(x)
+    assert out.shape == (2, dim)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_multi_stage_concatenates_pooled_stages_in_order(spatial_dims):
+    torch.manual_seed(0)
+    multi = build_backbone(name="resnet18", spatial_dims=spatial_dims, multi_stage=True).eval()
+    single = build_backbone(name="resnet18", spatial_dims=spatial_dims).eval()
+    single.load_state_dict(multi.state_dict())
+    x = torch.rand(1, 3, *([32] * spatial_dims))
+    with torch.inference_mode():
+        stages = multi(x)
+        last = single(x)
+        stem = multi.maxpool(multi.act(multi.bn1(multi.conv1(x))))
+        layer1 = multi.layer1(stem).mean(dim=tuple(range(2, 2 + spatial_dims)))
+    torch.testing.assert_close(stages[:, :64], layer1)
+    torch.testing.assert_close(stages[:, -512:], last)
+
+
+@pytest.mark.parametrize(("name", "factory"), [("resnet50", resnet50), ("resnet18", resnet18)])
+def test_resnet_layout_is_monais_torchvision_compatible_configuration(name, factory):
+    ours = build_backbone(name=name, spatial_dims=2)
+    monai_net = factory(
+        spatial_dims=2,
+        feed_forward=False,
+        bias_downsample=False,
+        conv1_t_stride=2,
+        conv1_t_size=7,
+        n_input_channels=3,
+    )
+    expected = {k: v.shape for k, v in monai_net.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == expected
+    assert ours.conv1.stride == (2, 2)
+
+
+def test_densenet_has_no_classification_head():
+    net = build_backbone(name="densenet121", spatial_dims=2)
+    assert not any(key.startswith("class_layers") for key in net.state_dict())
+
+
+def test_in_channels_sets_the_stem():
+    net = build_backbone(name="resnet18", spatial_dims=3, in_channels=1)
+    assert net.conv1.weight.shape == (64, 1, 7, 7, 7)
+
+
+def test_invalid_options_are_rejected_with_the_valid_values():
+    with pytest.raises(ValueError, match="'resnet34' is not a valid value") as info:
+        build_backbone(name="resnet34", spatial_dims=2)
+    assert all(f"'{name}'" in str(info.value) for name in ("resnet18", "resnet50", "densenet121"))
+    with pytest.raises(ValueError, match=r"(?s)'1' is not a valid value.*\{2, 3\}"):
+        build_backbone(name="resnet50", spatial_dims=1)
+    with pytest.raises(ValueError, match="only available for the ResNet backbones"):
+        build_backbone(name="densenet121", spatial_dims=2, multi_stage=True)

@@ -1,0 +1,88 @@
+"""Tests of pdl1exp.evaluation.metrics: point metrics, CI tables and MLflow names."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    brier_score_loss,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from pdl1exp.evaluation import (
+    METRICS,
+    binary_metrics,
+    bootstrap_ci,
+    delong_ci,
+    flatten_metrics,
+    metrics_with_ci,
+)
+
+THRESHOLD = 0.5
+
+
+@pytest.fixture
+def sample() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(42)
+    y = rng.integers(0, 2, size=80)
+    prob = np.clip(np.round(0.35 * y + 0.65 * rng.random(80), 2), 0, 1)
+    prob[:3] = THRESHOLD  # on the cut-off: predicted positive
+    return y, prob
+
+
+def test_binary_metrics_match_sklearn(sample: tuple[np.ndarray, np.ndarray]) -> None:
+    y, prob = sample
+    pred = (prob >= THRESHOLD).astype(int)
+    expected = {
+        "auc": roc_auc_score(y, prob),
+        "sensitivity": recall_score(y, pred),
+        "specificity": recall_score(y, pred, pos_label=0),
+        "accuracy": accuracy_score(y, pred),
+        "ppv": precision_score(y, pred),
+        "npv": precision_score(y, pred, pos_label=0),
+        "f1": f1_score(y, pred),
+        "brier": brier_score_loss(y, prob),
+    }
+    got = binary_metrics(y, prob, THRESHOLD)
+    assert tuple(got) == METRICS
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_undefined_point_metric_is_nan() -> None:
+    got = binary_metrics([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], threshold=0.9)
+    assert np.isnan(got["ppv"])
+    assert got["sensitivity"] == 0.0
+    assert got["npv"] == 0.5
+
+
+def test_metrics_with_ci(sample: tuple[np.ndarray, np.ndarray]) -> None:
+    y, prob = sample
+    table = metrics_with_ci(y, prob, THRESHOLD, n_boot=300, level=0.9, seed=3)
+    assert tuple(table) == (*METRICS, "auc_delong")
+    point = binary_metrics(y, prob, THRESHOLD)
+    for metric in METRICS:
+        estimate, lower, upper = table[metric]
+        assert estimate == pytest.approx(point[metric])
+        assert lower <= estimate <= upper
+        assert table[metric] == bootstrap_ci(
+            y, prob, metric, n_boot=300, level=0.9, seed=3, threshold=THRESHOLD
+        )
+    assert table["auc_delong"] == delong_ci(y, prob, level=0.9)
+
+
+def test_flatten_metrics_names(sample: tuple[np.ndarray, np.ndarray]) -> None:
+    y, prob = sample
+    table = metrics_with_ci(y, prob, THRESHOLD, n_boot=50, level=0.95, seed=0)
+    flat = flatten_metrics("external_siteA", table)
+    names = {
+        f"external_siteA_{m}{suffix}" for m in table for suffix in ("", "_ci_lower", "_ci_upper")
+    }
+    assert set(flat) == names
+    assert flat["external_siteA_auc"] == table["auc"][0]
+    assert flat["external_siteA_auc_ci_upper"] == table["auc"][2]
+    plain = flatten_metrics("test", binary_metrics(y, prob, THRESHOLD))
+    assert set(plain) == {f"test_{m}" for m in METRICS}

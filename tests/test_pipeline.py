@@ -1,0 +1,78 @@
+"""End to end: the smoke experiment logs a complete parent run; failures end FAILED."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pdl1exp.data.manifest import CohortError
+from pdl1exp.pipeline import run
+from tests.conftest import tiny_overrides
+
+
+def _runs(root: Path, experiment: str) -> list:
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def test_smoke_experiment_end_to_end(compose_cfg, tmp_path: Path) -> None:
+    cfg = compose_cfg("+experiment=smoke", *tiny_overrides(tmp_path))
+    objective = run(cfg)
+    runs = _runs(tmp_path, "smoke")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.info.run_name for r in runs} - {"smoke"}
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert children == {"clinical/lr", "dlr/lr", "dlr/rf", "combined/lr"}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    tags = parent.data.tags
+    for tag in ("git_commit", "data_hash", "config_hash", "backbone_weights", "feature_cache",
+                "feature_cache_key", "best_feature_set", "best_classifier", "version.torch"):
+        assert tags.get(tag), tag
+    assert tags["backbone_weights"] == "random:42"
+    assert tags["feature_cache"] == "miss"
+    metrics = parent.data.metrics
+    for split in ("train", "cv", "test"):
+        for name in ("auc", "sensitivity", "specificity"):
+            assert 0.0 <= metrics[f"{split}_{name}"] <= 1.0
+            assert metrics[f"{split}_{name}_ci_lower"] <= metrics[f"{split}_{name}"]
+            assert metrics[f"{split}_{name}"] <= metrics[f"{split}_{name}_ci_upper"]
+    assert metrics["cv_auc"] == pytest.approx(objective, abs=0.2)
+    artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "metrics.csv", "delong_tests.csv", "splits.csv",
+            "selected_features.csv"} <= artifacts
+    folder = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,
+                                                 dst_path=str(tmp_path / "artifacts"))
+    table = pd.read_csv(Path(folder) / "metrics.csv")
+    assert set(table["split"]) == {"train", "cv", "test"}
+    assert set(table["feature_set"]) == {"clinical", "dlr", "combined"}
+    splits = pd.read_csv(Path(folder) / "splits.csv", index_col="patient_id")
+    assert len(splits) == cfg.dataset.generator.n_patients
+    assert (splits["split"] == "test").mean() == pytest.approx(cfg.dataset.test_size, abs=0.05)
+    assert splits.groupby("split")["label"].mean().between(0.3, 0.7).all()  # stratified
+
+    # Same config again: features come from the cache, numbers are identical.
+    run(cfg)
+    again = [r for r in _runs(tmp_path, "smoke")
+             if "mlflow.parentRunId" not in r.data.tags and r.info.run_id != parent.info.run_id]
+    assert again[0].data.tags["feature_cache"] == "hit"
+    assert again[0].data.metrics["test_auc"] == metrics["test_auc"]
+
+
+def test_bad_manifest_ends_the_run_failed(compose_cfg, tmp_path: Path) -> None:
+    manifest = tmp_path / "cohort.csv"
+    pd.DataFrame([{"patient_id": "A", "image": "a.nii.gz", "mask": "m.nii.gz", "label": 1},
+                  {"patient_id": "B", "image": "b.nii.gz", "mask": "m.nii.gz", "label": 0}]
+                 ).to_csv(manifest, index=False)
+    cfg = compose_cfg("+experiment=clinical", "dataset=manifest", f"dataset.path={manifest}",
+                      *tiny_overrides(tmp_path))
+    with pytest.raises(CohortError, match="'A'"):
+        run(cfg)
+    (failed,) = _runs(tmp_path, "clinical")
+    assert failed.info.status == "FAILED"
+    assert "CohortError" in failed.data.tags["error"]

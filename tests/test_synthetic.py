@@ -1,0 +1,77 @@
+"""Synthetic cohort: deterministic bytes, exact prevalence, labels from the latent model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from pdl1exp.data.manifest import load_cohort
+from pdl1exp.data.phantom import HU, ScanSpec, TumourSpec, render_ct
+from pdl1exp.hashing import file_digest
+from tests.conftest import TINY
+
+
+def _generator(cfg, root: Path, **changes):
+    return instantiate(cfg.dataset.generator, cache_dir=str(root), **{**TINY, **changes})
+
+
+def test_same_seed_same_bytes_other_seed_other_cohort(compose_cfg, tmp_path: Path) -> None:
+    cfg = compose_cfg()
+    first = _generator(cfg, tmp_path / "a", n_patients=6).write().parent
+    again = _generator(cfg, tmp_path / "b", n_patients=6).write().parent
+    other = _generator(cfg, tmp_path / "c", n_patients=6, seed=7).write().parent
+    assert first.name == again.name != other.name
+    assert file_digest(first) == file_digest(again)
+    assert file_digest(first) != file_digest(other)
+
+
+def test_prevalence_labels_and_metadata(tiny_cohort: Path) -> None:
+    manifest = pd.read_csv(tiny_cohort)
+    metadata = json.loads((tiny_cohort.parent / "metadata.json").read_text())
+    n_pos = round(metadata["params"]["prevalence"] * len(manifest))
+    assert len(manifest) == TINY["n_patients"]
+    assert int((manifest["pdl1_tps"] >= 1).sum()) == n_pos == metadata["n_positive"]
+    assert set(manifest.loc[manifest["pdl1_tps"] < 1, "pdl1_tps"]) == {0.0}
+    ceilings = metadata["bayes_auc"]
+    assert 0.5 < ceilings["clinical"] < ceilings["combined"]
+    assert 0.5 < ceilings["image"] < ceilings["combined"] < 1.0
+    # Both ROI kinds and several formats, all through the public loader.
+    assert manifest["mask"].notna().any()
+    assert manifest["seed"].notna().any()
+    cohort = load_cohort(tiny_cohort, numeric=["age", "pack_years", "cea"],
+                         categorical=["sex", "smoking", "histology", "stage"])
+    assert cohort.table["label"].sum() == n_pos
+
+
+def test_prevalence_follows_config(compose_cfg, tmp_path: Path) -> None:
+    cfg = compose_cfg()
+    path = _generator(cfg, tmp_path, n_patients=10, prevalence=0.3).write()
+    assert int((pd.read_csv(path)["pdl1_tps"] >= 1).sum()) == 3
+
+
+def test_phantom_is_ct_like() -> None:
+    phantom = render_ct(ScanSpec(shape=(64, 64, 20), spacing=(1.0, 1.0, 2.0)),
+                        TumourSpec(diameter_mm=14.0), np.random.default_rng(3))
+    ct, mask = phantom.ct, phantom.mask.astype(bool)
+    assert ct[0, 0, 0] == pytest.approx(HU.air, abs=100)  # the corner is outside the body
+    lung = np.median(ct[ct.shape[0] // 2, 28:36, 28:36])
+    assert -950 < lung < -700
+    assert -100 < np.median(ct[mask]) < 150
+    volume_ml = mask.sum() * 2.0 / 1000
+    assert 0.5 * (4 / 3 * np.pi * 0.7**3) < volume_ml < 2.0 * (4 / 3 * np.pi * 0.7**3)
+    index = np.round((np.array(phantom.seed_mm) - phantom.origin) / phantom.spacing).astype(int)
+    assert mask[index[2], index[1], index[0]]
+
+
+def test_bad_generator_parameters(compose_cfg, tmp_path: Path) -> None:
+    cfg = compose_cfg()
+    with pytest.raises(InstantiationException, match="prevalence"):
+        _generator(cfg, tmp_path, prevalence=1.2)
+    with pytest.raises(InstantiationException, match="unknown format"):
+        _generator(cfg, tmp_path, formats={"png": 1.0})

@@ -1,0 +1,264 @@
+"""Tests for the Optuna sweep: no leakage, resume after a kill, determinism, nested CV."""
+
+from __future__ import annotations
+
+import pickle
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from scipy.stats import norm
+from sklearn.base import clone
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict, train_test_split
+from sklearn.pipeline import Pipeline
+
+from pdl1exp.models.classifiers import build_estimator
+from pdl1exp.models.selection import build_selection
+from pdl1exp.models.tuning import nested_cv_auc, select_best, sweep, tune_classifier
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+# Screening by p < 0.05 keeps ~5 % of pure-noise columns: enough to show what leakage does.
+UNIVARIATE_SELECTION = {
+    "name": "univariate",
+    "steps": {
+        "impute": {"_target_": "sklearn.impute.SimpleImputer", "strategy": "median"},
+        "scale": {"_target_": "sklearn.preprocessing.StandardScaler"},
+        "univariate": {
+            "_target_": "pdl1exp.models.selection.UnivariateFilter",
+            "p_threshold": 0.05,
+        },
+    },
+}
+
+
+def model_cfg(classifiers: str, selection: str, **tuning: Any) -> dict[str, Any]:
+    """Composed ``classifier``/``selection``/``tuning`` groups as plain dicts (seed 42)."""
+    overrides = [
+        f"+classifier={classifiers}",
+        f"+selection={selection}",
+        "+tuning=optuna",
+        "+seed=42",
+        *(f"tuning.{key}={value}" for key, value in tuning.items()),
+    ]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def table(*, seed: int, n: int, p: int, n_planted: int = 0, shift: float = 1.0):
+    """Gaussian noise with random labels; the first ``n_planted`` columns shift in positives."""
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.arange(n) % 2)
+    X = rng.standard_normal((n, p))
+    X[:, :n_planted] += shift * y[:, None]
+    index = pd.Index([f"P{i:04d}" for i in range(n)], name="patient_id")
+    return pd.DataFrame(X, index=index, columns=[f"dl_{j:04d}" for j in range(p)]), y
+
+
+def auc_ci(auc: float, y: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Hanley-McNeil normal-approximation CI of an AUC."""
+    n_pos, n_neg = int(y.sum()), int((1 - y).sum())
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (
+        n_pos * n_neg
+    )
+    half = norm.ppf(0.5 + level / 2) * np.sqrt(var)
+    return auc - half, auc + half
+
+
+def tune(X, y, cfg, name="lr", selection=None, **kwargs):
+    return tune_classifier(
+        X,
+        y,
+        name=name,
+        spec=cfg["classifier"][name],
+        selection_cfg=selection or cfg["selection"],
+        tuning_cfg=cfg["tuning"],
+        **{"storage": None, "study_name": "test", **kwargs},
+    )
+
+
+@pytest.mark.parametrize("selection", ["univariate", "lasso"])
+def test_random_labels_give_chance_auc_and_leakage_would_not(selection):
+    X, y = table(seed=11, n=120, p=2000)
+    X_train, X_test, y_train, y_test = train_test_split(
+        X, y, test_size=0.3, stratify=y, random_state=0
+    )
+    cfg = model_cfg("lr", "lasso", n_trials=5)
+    selection_cfg = UNIVARIATE_SELECTION if selection == "univariate" else cfg["selection"]
+    result = tune(X_train, y_train, cfg, selection=selection_cfg)
+
+    low, high = auc_ci(result.cv_auc, y_train)
+    assert low < 0.5 < high, f"cv_auc {result.cv_auc:.3f} [{low:.3f}, {high:.3f}]"
+    model = clone(result.best_pipeline).fit(X_train, y_train)
+    test_auc = roc_auc_score(y_test, model.predict_proba(X_test)[:, 1])
+    low, high = auc_ci(test_auc, y_test)
+    assert low < 0.5 < high, f"test_auc {test_auc:.3f} [{low:.3f}, {high:.3f}]"
+
+    if selection == "univariate":
+        # The pitfall: selection fitted on all the training data, then CV of the classifier.
+        leaky_selection = Pipeline(build_selection(selection_cfg)).set_output(transform="pandas")
+        X_leaky = leaky_selection.fit_transform(X_train, y_train)
+        splits = StratifiedKFold(5, shuffle=True, random_state=0)
+        estimator = build_estimator(cfg["classifier"]["lr"], result.best_params)
+        leaky = cross_val_predict(estimator, X_leaky, y_train, cv=splits, method="predict_proba")
+        assert roc_auc_score(y_train, leaky[:, 1]) > 0.7
+
+
+def test_oof_equals_refitting_the_whole_pipeline_in_each_fold():
+    X, y = table(seed=2, n=100, p=150, n_planted=3)
+    X.iloc[::7, 4] = np.nan
+    cfg = model_cfg("lr", "lasso", n_trials=3, cv_folds=4)
+    result = tune(X, y, cfg)
+    splits = StratifiedKFold(4, shuffle=True, random_state=cfg["tuning"]["random_state"])
+    expected = cross_val_predict(result.best_pipeline, X, y, cv=splits, method="predict_proba")
+    np.testing.assert_allclose(result.oof_proba.to_numpy(), expected[:, 1])
+    assert result.oof_proba.index.equals(X.index)
+    fold_aucs = [roc_auc_score(y[val], expected[val, 1]) for _, val in splits.split(X, y)]
+    np.testing.assert_allclose(result.cv_auc_folds, fold_aucs)
+    assert result.cv_auc == pytest.approx(np.mean(fold_aucs))
+    assert not hasattr(result.best_pipeline.named_steps["classifier"], "coef_")  # unfitted
+
+
+def test_same_seed_same_sweep_and_planted_features_found():
+    X, y = table(seed=3, n=100, p=60, n_planted=3)
+    cfg = model_cfg("lr", "lasso", n_trials=4)
+    first, second = tune(X, y, cfg), tune(X, y, cfg)
+    assert first.best_params == second.best_params
+    assert first.cv_auc == second.cv_auc
+    assert first.cv_auc_folds == second.cv_auc_folds
+    pd.testing.assert_series_equal(first.oof_proba, second.oof_proba)
+    assert first.cv_auc > 0.75
+    assert len(first.trials) == 4
+    assert first.n_trials == 4
+    selected = [
+        clone(result.best_pipeline).fit(X, y).named_steps["lasso"].selected_features_
+        for result in (first, second)
+    ]
+    np.testing.assert_array_equal(*selected)
+    assert {"dl_0000", "dl_0001", "dl_0002"} <= set(selected[0])
+
+
+RESUME_SCRIPT = """
+import pickle, sys
+from pdl1exp.models.tuning import tune_classifier
+with open(sys.argv[1], "rb") as handle:
+    kwargs = pickle.load(handle)
+tune_classifier(**kwargs)
+"""
+
+
+def trial_rows(db: Path, state: str) -> int:
+    with sqlite3.connect(db) as connection:
+        query = "SELECT COUNT(*) FROM trials WHERE state = ?"
+        return connection.execute(query, (state,)).fetchone()[0]
+
+
+def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
+    n_trials = 8
+    X, y = table(seed=4, n=60, p=8, n_planted=2)
+    cfg = model_cfg("rf", "none", n_trials=n_trials, cv_folds=3)
+    cfg["tuning"]["pruner"] = {"_target_": "optuna.pruners.NopPruner"}
+    # Small forests: trials fast enough for the test, slow enough to be killed mid-sweep.
+    cfg["classifier"]["rf"]["search_space"]["n_estimators"] = {"type": "int", "low": 20, "high": 60}
+    db = tmp_path / "optuna.db"
+    kwargs = {
+        "X": X,
+        "y": y,
+        "name": "rf",
+        "spec": cfg["classifier"]["rf"],
+        "selection_cfg": cfg["selection"],
+        "tuning_cfg": cfg["tuning"],
+        "storage": f"sqlite:///{db}",
+        "study_name": "resume",
+    }
+    (tmp_path / "kwargs.pkl").write_bytes(pickle.dumps(kwargs))
+    (tmp_path / "run.py").write_text(RESUME_SCRIPT)
+
+    process = subprocess.Popen(
+        [sys.executable, str(tmp_path / "run.py"), str(tmp_path / "kwargs.pkl")],
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    completed = 0
+    while completed < 2:
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "the sweep never completed two trials"
+        time.sleep(0.05)
+        if db.exists():
+            try:
+                completed = trial_rows(db, "COMPLETE")
+            except sqlite3.OperationalError:  # tables not created yet
+                continue
+    process.kill()
+    process.wait()
+    process.stderr.close()
+
+    study = optuna.load_study(study_name="resume", storage=f"sqlite:///{db}")
+    study.ask()  # one RUNNING leftover for sure, as a kill right after `ask` leaves
+    before = study.trials
+    first = [(t.number, t.params, t.value) for t in before if t.state.name == "COMPLETE"]
+    interrupted = [t.number for t in before if t.state.name == "RUNNING"]
+    assert 2 <= len(first) < n_trials
+    assert interrupted
+
+    result = tune_classifier(**kwargs)
+    after = optuna.load_study(study_name="resume", storage=f"sqlite:///{db}").trials
+    complete = [t for t in after if t.state.name == "COMPLETE"]
+    assert result.n_trials == len(complete) == n_trials
+    assert [(t.number, t.params, t.value) for t in complete[: len(first)]] == first
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == n_trials  # no repeats
+    assert all(after[number].state.name == "FAIL" for number in interrupted)
+    assert not [t for t in after if t.state.name == "RUNNING"]
+
+    # A finished study resumes to itself: nothing more runs.
+    again = tune_classifier(**kwargs)
+    assert len(again.trials) == len(after)
+    assert again.best_params == result.best_params
+
+
+def two_classifier_search() -> dict[str, Any]:
+    """Keyword arguments of a small lr + knn search (3 folds, 3 trials each)."""
+    cfg = model_cfg("[lr,knn]", "none", n_trials=3, cv_folds=3)
+    return {
+        "classifiers": cfg["classifier"],
+        "selection_cfg": cfg["selection"],
+        "tuning_cfg": cfg["tuning"],
+    }
+
+
+def test_sweep_names_studies_and_select_best_uses_cv_auc(tmp_path):
+    X, y = table(seed=5, n=80, p=20, n_planted=2)
+    storage = f"sqlite:///{tmp_path}/sub/optuna.db"  # the folder is created
+    results = sweep(X, y, **two_classifier_search(), storage=storage, study_name="exp")
+    assert list(results) == ["lr", "knn"]
+    assert sorted(optuna.get_all_study_names(storage)) == ["exp/knn", "exp/lr"]
+    best = select_best(results.values())
+    assert best.cv_auc == max(result.cv_auc for result in results.values())
+    assert select_best(reversed(list(results.values()))).cv_auc == best.cv_auc
+    with pytest.raises(ValueError, match="at least one"):
+        select_best([])
+
+
+def test_nested_cv_scores_every_patient_once():
+    X, y = table(seed=6, n=90, p=30, n_planted=3)
+    result = nested_cv_auc(
+        X, y, **two_classifier_search(), storage=None, study_name="nested", outer_folds=3
+    )
+    assert len(result.fold_aucs) == len(result.chosen) == 3
+    assert set(result.chosen) <= {"lr", "knn"}
+    assert result.oof_proba.index.equals(X.index)
+    assert result.oof_proba.between(0, 1).all()
+    assert roc_auc_score(y, result.oof_proba) > 0.75
+    assert np.mean(result.fold_aucs) > 0.75
