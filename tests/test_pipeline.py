@@ -45,7 +45,10 @@ def test_smoke_experiment_end_to_end(compose_cfg, tmp_path: Path) -> None:
     assert metrics["cv_auc"] == pytest.approx(objective, abs=0.2)
     artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "metrics.csv", "delong_tests.csv", "splits.csv",
-            "selected_features.csv"} <= artifacts
+            "selected_features.csv", "predictions.csv", "qc"} <= artifacts
+    qc = [a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "qc")]
+    assert qc
+    assert all(p.startswith("qc/SYN") and p.endswith(".png") for p in qc)
     folder = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,
                                                  dst_path=str(tmp_path / "artifacts"))
     table = pd.read_csv(Path(folder) / "metrics.csv")
@@ -76,3 +79,15 @@ def test_bad_manifest_ends_the_run_failed(compose_cfg, tmp_path: Path) -> None:
     (failed,) = _runs(tmp_path, "clinical")
     assert failed.info.status == "FAILED"
     assert "CohortError" in failed.data.tags["error"]
+
+
+def test_nested_protocol_logs_the_outer_estimate(compose_cfg, tmp_path: Path) -> None:
+    cfg = compose_cfg("+experiment=smoke", "feature_sets=[dlr]", "tuning.protocol=nested",
+                      "tuning.outer_folds=3", "classifier=lr", *tiny_overrides(tmp_path))
+    run(cfg)
+    (parent,) = [r for r in _runs(tmp_path, "smoke") if "mlflow.parentRunId" not in r.data.tags]
+    metrics = parent.data.metrics
+    assert metrics["nested_auc_ci_lower"] <= metrics["nested_auc"] <= metrics["nested_auc_ci_upper"]
+    assert {f"nested_auc_fold{k}" for k in range(3)} <= set(metrics)
+    artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
+    assert "nested_cv.csv" in artifacts

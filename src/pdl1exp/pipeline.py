@@ -6,6 +6,7 @@ This module only wires the stages together, in order, and owns the MLflow parent
 from __future__ import annotations
 
 import logging
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from sklearn.base import clone
 
+from pdl1exp.data.images import read_image
 from pdl1exp.data.manifest import Cohort, CohortError, Problem, load_cohort
 from pdl1exp.data.splits import assign_splits
 from pdl1exp.evaluation import (
@@ -29,12 +31,23 @@ from pdl1exp.evaluation import (
 )
 from pdl1exp.features.extract import Extraction, extract_features
 from pdl1exp.hashing import content_key
+from pdl1exp.imaging.qc import qc_figure
 from pdl1exp.imaging.rois import prepare_rois
 from pdl1exp.models.clinical import SIGNATURE, clinical_pipeline, out_of_fold, signature
-from pdl1exp.models.tuning import TuningResult, sweep
-from pdl1exp.tracking import environment_tags, flatten, log_frame, log_params, setup, tracked_run
+from pdl1exp.models.selected import SelectedModel
+from pdl1exp.models.tuning import TuningResult, nested_cv_auc, sweep
+from pdl1exp.tracking import (
+    environment_tags,
+    flatten,
+    log_frame,
+    log_params,
+    pseudonym,
+    pseudonym_key,
+    setup,
+    tracked_run,
+)
 
-__all__ = ["ModelResult", "run"]
+__all__ = ["ModelResult", "cohort_stage", "roi_stage", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +84,8 @@ class ModelResult:
         return f"{self.feature_set}/{self.classifier}"
 
 
-def _load_cohort(cfg: DictConfig) -> Cohort:
+def cohort_stage(cfg: DictConfig) -> Cohort:
+    """Write the synthetic cohort when configured, then load and validate the manifest."""
     ds = cfg.dataset
     path = instantiate(ds.generator).write() if ds.generator else ds.path
     return load_cohort(path, tps_cutoff=ds.tps_cutoff, numeric=list(ds.clinical.numeric),
@@ -81,7 +95,8 @@ def _load_cohort(cfg: DictConfig) -> Cohort:
                        n_jobs=ds.validation.n_jobs)
 
 
-def _rois(cfg: DictConfig, cohort: Cohort) -> tuple[pd.DataFrame, list[Problem]]:
+def roi_stage(cfg: DictConfig, cohort: Cohort) -> tuple[pd.DataFrame, list[Problem]]:
+    """Masks for every patient (seeded segmentation where only a seed is given)."""
     seg = cfg.segmentation
     segmenter = instantiate(seg.segmenter) if seg.method == "seeded" else None
     params = OmegaConf.to_container(seg, resolve=True)
@@ -91,6 +106,23 @@ def _rois(cfg: DictConfig, cohort: Cohort) -> tuple[pd.DataFrame, list[Problem]]
     if problems and cfg.dataset.on_error == "raise":
         raise CohortError(cohort.source, problems)
     return rois, problems
+
+
+def _log_qc(cfg: DictConfig, rois: pd.DataFrame) -> None:
+    """QC figures of the segmented ROIs as ``qc/<patient>.png`` (pseudonymised on request)."""
+    chosen = rois if cfg.tracking.qc == "all" else rois[rois["roi_source"] == "seeded"]
+    if cfg.tracking.qc == "none" or chosen.empty:
+        return
+    key = pseudonym_key(Path(cfg.paths.cache_dir)) if cfg.tracking.pseudonymise else None
+    window = (cfg.preprocess.window_width, cfg.preprocess.window_level)
+    with tempfile.TemporaryDirectory() as folder:
+        for pid, row in chosen.iterrows():
+            name = pseudonym(pid, key) if key else pid
+            qc_figure(read_image(row["image"]), read_image(row["mask"]),
+                      Path(folder) / f"{name}.png", window=window,
+                      title=f"{name}: {row['roi_volume_ml']:.2f} ml, "
+                            f"{row['roi_max_diameter_mm']:.1f} mm ({row['roi_source']})")
+        mlflow.log_artifacts(folder, "qc")
 
 
 def _split_probas(model: Any, X: pd.DataFrame, splits: pd.Series,
@@ -118,9 +150,11 @@ def _dlr_models(cfg: DictConfig, X: pd.DataFrame, y: pd.Series, splits: pd.Serie
     study = content_key({"features": feature_key, "train": sorted(train),
                          "selection": selection, "classifiers": classifiers,
                          "tuning": {k: v for k, v in tuning.items() if k != "storage"}})
-    results: dict[str, TuningResult] = sweep(
-        X.loc[train], y.loc[train].to_numpy(), classifiers=classifiers, selection_cfg=selection,
-        tuning_cfg=tuning, storage=tuning["storage"], study_name=f"{cfg.name}/dlr/{study}")
+    search = {"classifiers": classifiers, "selection_cfg": selection, "tuning_cfg": tuning,
+              "storage": tuning["storage"], "study_name": f"{cfg.name}/dlr/{study}"}
+    results: dict[str, TuningResult] = sweep(X.loc[train], y.loc[train].to_numpy(), **search)
+    if tuning["protocol"] == "nested":
+        _log_nested(cfg, X.loc[train], y.loc[train], search)
     models = []
     for name, result in results.items():
         model = clone(result.best_pipeline).fit(X.loc[train], y.loc[train].to_numpy())
@@ -131,6 +165,20 @@ def _dlr_models(cfg: DictConfig, X: pd.DataFrame, y: pd.Series, splits: pd.Serie
                                   result.best_params, model,
                                   extra={"trials.csv": result.trials}))
     return models
+
+
+def _log_nested(cfg: DictConfig, X: pd.DataFrame, y: pd.Series, search: dict[str, Any]) -> None:
+    """Outer K-fold around the whole search: the honest estimate on a small cohort."""
+    nested = nested_cv_auc(X, y.to_numpy(), **{**search,
+                                               "study_name": f"{search['study_name']}/nested"})
+    auc, lower, upper = delong_ci(y.loc[nested.oof_proba.index], nested.oof_proba,
+                                  level=cfg.evaluation.level)
+    mlflow.log_metrics({"nested_auc": auc, "nested_auc_ci_lower": lower,
+                        "nested_auc_ci_upper": upper,
+                        **{f"nested_auc_fold{k}": v for k, v in enumerate(nested.fold_aucs)}})
+    log_frame(pd.DataFrame({"fold": range(len(nested.chosen)), "classifier": nested.chosen,
+                            "auc": nested.fold_aucs}), "nested_cv.csv")
+    log.info("Nested CV AUC %.3f (%.3f-%.3f)", auc, lower, upper)
 
 
 def _logistic_model(cfg: DictConfig, feature_set: str, X: pd.DataFrame, y: pd.Series,
@@ -209,6 +257,76 @@ def _log_child(result: ModelResult, metrics: pd.DataFrame, tags: dict[str, str])
             log_frame(frame, name)
 
 
+@dataclass
+class Fitted:
+    """Everything the modelling stage produced.
+
+    Args:
+        models: every fitted model (clinical, each DLR classifier, combined).
+        best_dlr: the DLR model with the best CV AUC (None without the dlr feature set).
+        deep_features: the deep-feature columns.
+        extraction: the deep-feature stage's result (None without the dlr feature set).
+    """
+
+    models: list[ModelResult]
+    best_dlr: ModelResult | None = None
+    deep_features: list[str] = field(default_factory=list)
+    extraction: Extraction | None = None
+
+
+def _fit_models(cfg: DictConfig, cohort: Cohort, rois: pd.DataFrame, table: pd.DataFrame,
+                splits: pd.Series) -> Fitted:
+    """Clinical model, DLR sweep and combined model, each fitted on the training split."""
+    y, centers = table["label"], table["center"]
+    fitted = Fitted(models=[])
+    if "clinical" in cfg.feature_sets:
+        fitted.models.append(_logistic_model(cfg, "clinical", table, y, splits, centers,
+                                             cohort.numeric, cohort.categorical))
+    if "dlr" not in cfg.feature_sets:
+        return fitted
+    extraction = extract_features(rois, preprocess=cfg.preprocess, roi=cfg.roi,
+                                  backbone=cfg.backbone, seed=cfg.seed,
+                                  cache_dir=Path(cfg.paths.cache_dir) / "features")
+    mlflow.set_tags({"backbone_weights": extraction.weights_tag,
+                     "feature_cache": "hit" if extraction.cache_hit else "miss",
+                     "feature_cache_key": extraction.key, "precision": extraction.precision})
+    X = extraction.table.loc[rois.index]
+    dlr = _dlr_models(cfg, X, y, splits, centers, extraction.key)
+    fitted.models.extend(dlr)
+    fitted.best_dlr = select_best_model(dlr)
+    fitted.deep_features = list(X.columns)
+    fitted.extraction = extraction
+    log_frame(_selected_features(fitted.best_dlr.model), "selected_features.csv")
+    if "combined" in cfg.feature_sets:
+        # Train rows get the cross-fitted (out-of-fold) signature, never in-sample scores.
+        held_out = [p for s, p in fitted.best_dlr.proba.items() if s not in ("train", "cv")]
+        combined = table.assign(**{SIGNATURE: signature(
+            pd.concat([fitted.best_dlr.proba["cv"], *held_out]).loc[rois.index])})
+        fitted.models.append(_logistic_model(cfg, "combined", combined, y, splits, centers,
+                                             [*cohort.numeric, SIGNATURE],
+                                             cohort.categorical))
+    return fitted
+
+
+def _selected_model(best: ModelResult, fitted: Fitted, cohort: Cohort) -> SelectedModel:
+    """The selected model as one estimator from the feature table to a probability."""
+    dlr = fitted.best_dlr.model if best.feature_set == "combined" else None
+    model = SelectedModel(
+        feature_set=best.feature_set, threshold=best.threshold,
+        dlr=best.model if best.feature_set == "dlr" else dlr,
+        clinical=best.model if best.feature_set != "dlr" else None,
+        deep_features=fitted.deep_features, clinical_features=cohort.clinical)
+    return model.fit(None)
+
+
+def _predictions(best: ModelResult, y: pd.Series, splits: pd.Series) -> pd.DataFrame:
+    """The selected model's held-out predictions (the test set a promotion compares on)."""
+    frames = [pd.DataFrame({"patient_id": p.index, "split": name,
+                            "label": y.loc[p.index].to_numpy(), "probability": p.to_numpy()})
+              for name, p in best.proba.items() if name not in ("train",)]
+    return pd.concat(frames, ignore_index=True)
+
+
 def run(cfg: DictConfig) -> float:
     """Run one experiment; return the selected model's CV AUC (the sweep objective)."""
     logging.getLogger("pdl1exp").setLevel(cfg.log_level)
@@ -223,44 +341,21 @@ def run(cfg: DictConfig) -> float:
     with tracked_run(cfg.name, tags=tags):
         log_params(flatten(resolved))
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        cohort = _load_cohort(cfg)
+        cohort = cohort_stage(cfg)
         mlflow.set_tag("data_hash", cohort.data_hash)
-        rois, roi_problems = _rois(cfg, cohort)
+        rois, roi_problems = roi_stage(cfg, cohort)
         problems = cohort.problems + roi_problems
         if problems:
             log_frame(pd.DataFrame([vars(p) for p in problems]), "excluded_patients.csv")
+        _log_qc(cfg, rois)
         table = cohort.table.loc[rois.index]
         y = table["label"]
         splits = assign_splits(table, test_size=cfg.dataset.test_size, seed=cfg.seed)
         log_frame(pd.DataFrame({"split": splits, "label": y}), "splits.csv", index=True)
         mlflow.log_metrics({f"n_{s}": int((splits == s).sum()) for s in splits.unique()})
 
-        models: list[ModelResult] = []
-        if "clinical" in cfg.feature_sets:
-            models.append(_logistic_model(cfg, "clinical", table, y, splits, table["center"],
-                                          cohort.numeric, cohort.categorical))
-        if "dlr" in cfg.feature_sets:
-            extraction: Extraction = extract_features(
-                rois, preprocess=cfg.preprocess, roi=cfg.roi, backbone=cfg.backbone,
-                seed=cfg.seed, cache_dir=Path(cfg.paths.cache_dir) / "features")
-            mlflow.set_tags({"backbone_weights": extraction.weights_tag,
-                             "feature_cache": "hit" if extraction.cache_hit else "miss",
-                             "feature_cache_key": extraction.key,
-                             "precision": extraction.precision})
-            X = extraction.table.loc[rois.index]
-            dlr = _dlr_models(cfg, X, y, splits, table["center"], extraction.key)
-            models.extend(dlr)
-            best_dlr = select_best_model(dlr)
-            log_frame(_selected_features(best_dlr.model), "selected_features.csv")
-            if "combined" in cfg.feature_sets:
-                combined = table.copy()
-                combined[SIGNATURE] = signature(pd.concat(
-                    [best_dlr.proba["cv"], *(p for s, p in best_dlr.proba.items()
-                                             if s not in ("train", "cv"))]).loc[rois.index])
-                models.append(_logistic_model(cfg, "combined", combined, y, splits,
-                                              table["center"], [*cohort.numeric, SIGNATURE],
-                                              cohort.categorical))
-
+        fitted = _fit_models(cfg, cohort, rois, table, splits)
+        models = fitted.models
         metrics = pd.concat([_evaluate(cfg, m, y) for m in models], ignore_index=True)
         log_frame(metrics, "metrics.csv")
         log_frame(_delong_table(models, y), "delong_tests.csv")
@@ -274,6 +369,8 @@ def run(cfg: DictConfig) -> float:
         mlflow.log_metrics(_split_metrics(rows))
         mlflow.set_tags({"best_feature_set": best.feature_set,
                          "best_classifier": best.classifier})
+        selected = _selected_model(best, fitted, cohort)
+        log_frame(_predictions(best, y, splits), "predictions.csv")
         log.info("Selected %s (CV AUC %.3f); metrics in MLflow run %s", best.name, best.cv_auc,
                  mlflow.active_run().info.run_id)
         return float(best.cv_auc)

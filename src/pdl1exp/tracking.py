@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import importlib
 import logging
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -22,6 +25,8 @@ __all__ = [
     "flatten",
     "log_frame",
     "log_params",
+    "pseudonym",
+    "pseudonym_key",
     "setup",
     "tracked_run",
 ]
@@ -117,6 +122,21 @@ def log_params(params: Mapping[str, Any]) -> None:
     items = [(k, str(v)) for k, v in params.items()]
     for start in range(0, len(items), _PARAM_BATCH):
         mlflow.log_params(dict(items[start:start + _PARAM_BATCH]))
+
+
+def pseudonym(patient_id: str, key: bytes) -> str:
+    """A stable, non-reversible stand-in for a patient id (HMAC-SHA256, 12 hex)."""
+    return hmac.new(key, patient_id.encode(), hashlib.sha256).hexdigest()[:12]
+
+
+def pseudonym_key(folder: str | Path) -> bytes:
+    """The secret behind :func:`pseudonym`, kept beside the store and never logged."""
+    path = Path(folder) / ".pseudonym_key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(secrets.token_bytes(32))
+        path.chmod(0o600)
+    return path.read_bytes()
 
 
 def log_frame(frame: pd.DataFrame, name: str, *, index: bool = False) -> None:

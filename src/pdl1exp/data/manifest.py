@@ -26,6 +26,7 @@ __all__ = ["Cohort", "CohortError", "Problem", "load_cohort", "parse_seed"]
 log = logging.getLogger(__name__)
 
 _SPLITS = ("train", "test", "external")
+_UNLABELLED = -1
 _PROBLEM_COLUMNS = ["patient_id", "column", "reason"]
 
 
@@ -119,7 +120,8 @@ def _resolve(value: object, root: Path) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def _label(row: pd.Series, tps_cutoff: float) -> tuple[int | None, Problem | None]:
+def _label(row: pd.Series, tps_cutoff: float, *,
+           required: bool) -> tuple[int | None, Problem | None]:
     pid = str(row["patient_id"])
     if "label" in row.index and not _blank(row["label"]):
         value = str(row["label"]).strip().lower()
@@ -135,6 +137,8 @@ def _label(row: pd.Series, tps_cutoff: float) -> tuple[int | None, Problem | Non
         if not 0.0 <= tps <= 100.0:
             return None, Problem(pid, "pdl1_tps", f"must be a percentage in [0, 100], got {tps}")
         return int(tps >= tps_cutoff), None
+    if not required:
+        return _UNLABELLED, None
     return None, Problem(pid, "label", "missing label (give 'label' 0/1 or 'pdl1_tps')")
 
 
@@ -186,7 +190,8 @@ def _check_images(pid: str, image_path: Path, mask_path: Path | None,
 def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
                 numeric: Sequence[str] = (), categorical: Sequence[str] = (),
                 on_error: str = "raise", air_hu: float = -900.0,
-                geometry_tolerance_mm: float = 1e-3, n_jobs: int = 1) -> Cohort:
+                geometry_tolerance_mm: float = 1e-3, n_jobs: int = 1,
+                require_label: bool = True) -> Cohort:
     """Read, resolve and validate a manifest.
 
     Args:
@@ -198,6 +203,8 @@ def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
         air_hu: a seed below this attenuation is rejected as being in air/lung.
         geometry_tolerance_mm: allowed mask/image spacing and origin difference.
         n_jobs: threads reading images in parallel.
+        require_label: False for scoring new patients, whose labels may be unknown (a label
+            that is given must still be valid; an absent one becomes -1).
     """
     if on_error not in ("raise", "skip"):
         msg = f"dataset.on_error must be 'raise' or 'skip', got {on_error!r}"
@@ -206,7 +213,7 @@ def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
     table = _read_table(source)
     root = source.parent
     missing = [c for c in ("patient_id", "image") if c not in table.columns]
-    if "label" not in table.columns and "pdl1_tps" not in table.columns:
+    if require_label and "label" not in table.columns and "pdl1_tps" not in table.columns:
         missing.append("label or pdl1_tps")
     if "mask" not in table.columns and "seed" not in table.columns:
         missing.append("mask or seed")
@@ -231,7 +238,7 @@ def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
     for _, row in table.iterrows():
         pid = row["patient_id"]
         record: dict[str, object] = {"patient_id": pid}
-        label, problem = _label(row, tps_cutoff)
+        label, problem = _label(row, tps_cutoff, required=require_label)
         record["label"] = label
         problems.extend([problem] if problem else [])
         split = None
@@ -297,7 +304,7 @@ def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
         raise CohortError(source, problems or [Problem("-", "-", "the manifest has no rows")])
     frame = frame.set_index("patient_id")
     frame["label"] = frame["label"].astype(int)
-    if frame["label"].nunique() < 2:
+    if require_label and frame["label"].nunique() < 2:
         msg = f"{source}: every usable patient has label {frame['label'].iloc[0]}; need both"
         raise ValueError(msg)
     return Cohort(table=frame, excluded=excluded, numeric=list(numeric),

@@ -22,7 +22,13 @@ from pdl1exp.features.weights import input_normalisation, load_weights
 from pdl1exp.hashing import content_key
 from pdl1exp.imaging.preprocess import build_transforms
 
-__all__ = ["Extraction", "extract_features", "extractor_code_version", "resolve_precision"]
+__all__ = [
+    "Extraction",
+    "extract_features",
+    "extractor_code_version",
+    "feature_key",
+    "resolve_precision",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,20 @@ def resolve_precision(requested: str) -> str:
     return "32-true"
 
 
+def feature_key(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictConfig,
+                backbone: DictConfig, weights_tag: str, precision: str, tta_views: int) -> str:
+    """Content hash of everything that determines the features (not paths, not batch size)."""
+    arch = OmegaConf.to_container(backbone, resolve=True)
+    return content_key({
+        "patients": rois[["image_sha", "mask_key"]].sort_index().to_dict("index"),
+        "preprocess": OmegaConf.to_container(preprocess, resolve=True),
+        "roi": OmegaConf.to_container(roi, resolve=True),
+        "backbone": {k: arch[k] for k in ("arch", "spatial_dims", "multi_stage", "input_size")},
+        "weights": weights_tag, "precision": precision, "tta_views": tta_views,
+        "code": extractor_code_version(),
+    })
+
+
 def _items(rois: pd.DataFrame) -> list[dict[str, Any]]:
     return [{"patient_id": pid, "image": row["image"], "mask": row["mask"]}
             for pid, row in rois.iterrows()]
@@ -100,15 +120,8 @@ def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
                        hub_dir=backbone.hub_dir, allow_download=backbone.allow_download)
     precision = resolve_precision(str(backbone.precision))
     tta_views = int(backbone.tta.n) if backbone.tta.enabled else 1
-    key = content_key({
-        "patients": rois[["image_sha", "mask_key"]].sort_index().to_dict("index"),
-        "preprocess": OmegaConf.to_container(preprocess, resolve=True),
-        "roi": OmegaConf.to_container(roi, resolve=True),
-        "backbone": {k: OmegaConf.to_container(backbone, resolve=True)[k]
-                     for k in ("arch", "spatial_dims", "multi_stage", "input_size")},
-        "weights": tag, "precision": precision, "tta_views": tta_views,
-        "code": extractor_code_version(),
-    })
+    key = feature_key(rois, preprocess=preprocess, roi=roi, backbone=backbone,
+                      weights_tag=tag, precision=precision, tta_views=tta_views)
     cache = FeatureCache(cache_dir)
     cached = cache.get(key)
     if cached is not None:

@@ -114,8 +114,7 @@ def load_weights(
             f"(looked for {names} in {folder}, allow_download={allow_download}); "
             f"deep features come from an UNTRAINED network with random weights (seed {seed})"
         )
-        warnings.warn(msg, UserWarning, stacklevel=2)
-        logger.warning(msg)
+        _warn(msg)
         return _load_random(net, seed=seed, arch=arch)
 
     sha = _load_file(net, path=path, arch=arch)
@@ -125,8 +124,7 @@ def load_weights(
             f"{path} is not the published torchvision file: its sha256 {sha[:12]}... does not "
             f"start with {expected_prefix}; loaded anyway and tagged with its own hash"
         )
-        warnings.warn(msg, UserWarning, stacklevel=2)
-        logger.warning(msg)
+        _warn(msg)
     return f"imagenet:{sha[:12]}"
 
 
@@ -146,6 +144,12 @@ def input_normalisation(
     if kind == "random":
         return NEUTRAL_MEAN, NEUTRAL_STD
     return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _warn(msg: str) -> None:
+    """Warn in the console and in the run's log, so neither reader misses it."""
+    warnings.warn(msg, UserWarning, stacklevel=3)
+    logger.warning(msg)
 
 
 def _stem_geometry(net: torch.nn.Module) -> tuple[int, int]:

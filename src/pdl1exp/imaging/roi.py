@@ -57,6 +57,9 @@ class TumourROId(MapTransform):
         keys: the image key and the mask key, in that order.
         mode: one of ``ROI_MODES``.
         margin_mm: context added on each side of the tumour's largest extent.
+        fov_mm: a fixed crop width in mm instead, widened only when the tumour plus margins
+            does not fit: tumour size then stays visible to the network, where an
+            extent-fitted crop scales every tumour to the same size.
         size: output size, (H, W) for 2D modes or (D, H, W) for ``3d``.
         crop: ``"context"`` keeps the surroundings, ``"masked"`` zeroes everything outside
             the tumour dilated by ``mask_dilation_mm``.
@@ -66,7 +69,8 @@ class TumourROId(MapTransform):
     """
 
     def __init__(self, keys: KeysCollection = ("image", "mask"), *, mode: str = "2d",
-                 margin_mm: float = 10.0, size: Sequence[int] = (224, 224),
+                 margin_mm: float = 10.0, fov_mm: float | None = None,
+                 size: Sequence[int] = (224, 224),
                  crop: str = "context", mask_dilation_mm: float = 3.0,
                  adjacent_mm: float = 2.0, channels: int = 3) -> None:
         super().__init__(keys)
@@ -77,6 +81,7 @@ class TumourROId(MapTransform):
             msg = f"roi.size must have {expected} values for mode {mode!r}, got {list(size)}"
             raise ValueError(msg)
         self.margin_mm = float(margin_mm)
+        self.fov_mm = None if fov_mm is None else float(fov_mm)
         self.size = tuple(int(s) for s in size)
         self.mask_dilation_mm = float(mask_dilation_mm)
         self.adjacent_mm = float(adjacent_mm)
@@ -99,7 +104,10 @@ class TumourROId(MapTransform):
         centre = (lo + hi) / 2
         extent_mm = (hi - lo + 1) * spacing
         side_mm = float(extent_mm.max() if self.mode == "3d" else extent_mm[:2].max())
-        half = (side_mm / 2 + self.margin_mm) / spacing
+        half_mm = side_mm / 2 + self.margin_mm
+        if self.fov_mm:  # fixed physical scale, widened only for a tumour that would not fit
+            half_mm = max(self.fov_mm / 2, half_mm)
+        half = half_mm / spacing
         if self.mode == "3d":
             crop = _square(image, centre, half, (0, 1, 2), None, self.size)
             planes = [crop] * self.channels

@@ -5,14 +5,15 @@ a solid tumour, so intensity alone (ConfidenceConnected, a fixed threshold) leak
 geometry separates them.
 
 1. Reorient to LPS (``DICOMOrient``) so the third index axis is axial; the mask is oriented
-   back at the end, so any direction cosines work. Crop a box around the seed big enough for
-   the largest plausible tumour plus its context, and smooth with a Gaussian of physical
-   sigma to tame quantum noise.
-2. Lung field: voxels below the tumour interval inside the body (the body's holes are
-   filled slice by slice, which keeps outside air out), their 3D holes filled, then closed
-   with a ball whose radius is ``wall_closing_factor`` times the seed's distance to the lung.
-   A juxtapleural tumour is a bump on the wall that this ball cannot enter, so it joins the
-   field while the wall stays out.
+   back at the end, so any direction cosines work. Smooth with a Gaussian of physical sigma
+   to tame quantum noise. The body is the tissue above ``lung_hu`` with its holes filled
+   slice by slice (outside air reaches the slice edge; the lungs do not).
+2. Lung field: body voxels below ``lung_hu`` (the half-way point between aerated lung and
+   soft tissue, so the mask ends at the pleura), their 3D holes filled, then closed with a
+   ball whose radius is ``wall_closing_factor`` times the seed's distance to the lung. A
+   juxtapleural tumour is a bump on the wall that this ball cannot enter, so it joins the
+   field while the wall stays out. From here on the work is cropped to the box the tumour
+   and the closing can reach, then to the grown region.
 3. Region growing: the seed's connected component of the tumour interval (solid and ground
    glass) within the lung field.
 4. Vessel cut: opening with a ball of physical radius (exact Euclidean distance maps, so
@@ -50,7 +51,11 @@ def _distance_to(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     """Distance in mm from every voxel to the nearest voxel of ``mask`` (inf if empty)."""
     if not mask.any():
         return np.full(mask.shape, np.inf)
-    return ndimage.distance_transform_edt(~mask, sampling=spacing)
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False,
+                                            squaredDistance=False, useImageSpacing=True)
+    return np.maximum(sitk.GetArrayViewFromImage(distance), 0.0)
 
 
 def _open(mask: np.ndarray, radius: float, spacing: np.ndarray) -> np.ndarray:
@@ -73,6 +78,14 @@ def _close(mask: np.ndarray, radius: float, spacing: np.ndarray) -> np.ndarray:
                                                                    strict=True))]
 
 
+def _box(centre: Sequence[int], half_mm: float, spacing: np.ndarray,
+         shape: Sequence[int]) -> tuple[slice, ...]:
+    """Slices of the box ``centre`` ± ``half_mm`` clipped to an array of ``shape``."""
+    half = np.ceil(half_mm / spacing).astype(int)
+    return tuple(slice(max(c - h, 0), min(c + h + 1, n))
+                 for c, h, n in zip(centre, half, shape, strict=True))
+
+
 def _component_at(mask: np.ndarray, seed: tuple[int, ...], what: str) -> np.ndarray:
     """The face-connected component of ``mask`` that contains ``seed``."""
     labels, _ = ndimage.label(mask)
@@ -83,18 +96,22 @@ def _component_at(mask: np.ndarray, seed: tuple[int, ...], what: str) -> np.ndar
 
 
 def _seed_index(image: sitk.Image, seed_mm: Sequence[float]) -> tuple[int, int, int]:
-    """Voxel index (x, y, z) of ``seed_mm``; raises when it lies outside the volume."""
+    """Voxel index (z, y, x) of ``seed_mm``; raises when it lies outside the volume."""
     index = image.TransformPhysicalPointToIndex(tuple(float(c) for c in seed_mm))
     if not all(0 <= i < n for i, n in zip(index, image.GetSize(), strict=True)):
         msg = (f"seed {tuple(seed_mm)} mm is outside the image volume "
                f"(voxel index {index}, size {image.GetSize()})")
         raise SegmentationError(msg)
-    return index
+    return index[::-1]
 
 
 @dataclass(frozen=True, kw_only=True)
 class SeededSegmenter:
     """Seeded tumour segmenter, instantiable from ``conf/segmentation/seeded.yaml``.
+
+    The image must show the body outline in the axial plane (a chest CT, not a tight crop):
+    a lung cut by the slice edge is taken for outside air. Place the seed near the centre of
+    the tumour's solid part; the closing radius and the vessel cut scale with its depth.
 
     Args:
         tumour_hu: (lower, upper) attenuation of tumour, solid and ground glass, for the
@@ -107,7 +124,8 @@ class SeededSegmenter:
         vessel_cut_max_fraction: the opening ball is at most this fraction of the seed's
             distance to the lung, so small nodules survive it.
         wall_closing_factor: lung-field closing radius as a multiple of the seed's distance
-            to the lung (2 keeps a juxtapleural tumour seeded near its centre).
+            to the lung; larger keeps more of a broad pleural contact, and closes over more
+            of the mediastinal corners.
         band_mm: (inner, outer) distance from the grown region's border of the rims whose
             median HU give the local tumour and lung attenuation.
         edge_fraction: where between lung (0) and tumour (1) attenuation the border lies.
@@ -130,14 +148,13 @@ class SeededSegmenter:
     max_volume_ml: float
 
     def __post_init__(self) -> None:
-        # Hydra passes lists (ListConfig); store plain float tuples.
-        object.__setattr__(self, "tumour_hu", tuple(float(v) for v in self.tumour_hu))
-        object.__setattr__(self, "band_mm", tuple(float(v) for v in self.band_mm))
         for name in ("tumour_hu", "band_mm"):
-            low, high = getattr(self, name)
-            if len(getattr(self, name)) != 2 or not low < high:
-                msg = f"SeededSegmenter.{name} must be (lower, upper) with lower < upper"
+            # Hydra passes lists (ListConfig); store plain float tuples.
+            pair = tuple(float(v) for v in getattr(self, name))
+            if len(pair) != 2 or not pair[0] < pair[1]:
+                msg = f"SeededSegmenter.{name} must be (lower, upper), lower < upper: {pair}"
                 raise ValueError(msg)
+            object.__setattr__(self, name, pair)
         if not self.air_hu < self.tumour_hu[0]:
             msg = f"SeededSegmenter.air_hu ({self.air_hu}) must be below tumour_hu[0]"
             raise ValueError(msg)
@@ -162,37 +179,27 @@ class SeededSegmenter:
             image.GetDirection())
         lps = sitk.DICOMOrient(image, "LPS")
         seed = _seed_index(lps, seed_mm)
-        # The tumour reaches at most max_diameter from the seed; the closing needs its
-        # radius (at most wall_closing_factor * max_diameter / 2) of context beyond that.
-        half_mm = self.max_diameter_mm * (1 + self.wall_closing_factor / 2)
-        half = np.ceil(half_mm / np.asarray(lps.GetSpacing())).astype(int)
-        low = np.maximum(np.asarray(seed) - half, 0)
-        high = np.minimum(np.asarray(seed) + half + 1, lps.GetSize())
-        # The body is found on whole axial slices (outside air must reach the slice edge);
-        # everything else runs in the box.
-        slab = sitk.Cast(lps[:, :, int(low[2]):int(high[2])], sitk.sitkFloat32)
-        if self.smoothing_mm > 0:
-            slab = sitk.SmoothingRecursiveGaussian(slab, self.smoothing_mm)
-        hu_slab = sitk.GetArrayFromImage(slab)
-        body = ndimage.binary_fill_holes(
-            hu_slab >= self.lung_hu,
-            structure=ndimage.generate_binary_structure(2, 1)[None])
-        box = (slice(None), slice(int(low[1]), int(high[1])), slice(int(low[0]), int(high[0])))
         spacing = np.asarray(lps.GetSpacing()[::-1])
-        seed_box = tuple(int(s - lo) for s, lo in zip(seed[::-1], low[::-1], strict=True))
-        tumour = self._segment(hu_slab[box], body[box], spacing, seed_box)
+        # Axial slices as far as the largest tumour plus the widest closing could reach; the
+        # body is found on whole slices, because outside air must reach the slice edge.
+        reach = self.max_diameter_mm * (1 + self.wall_closing_factor / 2)
+        slab = _box(seed, reach, spacing, lps.GetSize()[::-1])[0]
+        hu_image = sitk.Cast(lps[:, :, slab], sitk.sitkFloat32)
+        if self.smoothing_mm > 0:
+            hu_image = sitk.SmoothingRecursiveGaussian(hu_image, self.smoothing_mm)
+        hu = sitk.GetArrayFromImage(hu_image)
+        body = ndimage.binary_fill_holes(
+            hu >= self.lung_hu, structure=ndimage.generate_binary_structure(2, 1)[None])
 
         full = np.zeros(lps.GetSize()[::-1], dtype=np.uint8)
-        full[int(low[2]):int(high[2]), int(low[1]):int(high[1]), int(low[0]):int(high[0])] = (
-            tumour)
+        full[slab] = self._segment(hu, body, spacing, (seed[0] - slab.start, *seed[1:]))
         mask = sitk.GetImageFromArray(full)
         mask.CopyInformation(lps)
-        self._check_plausible(mask)
         return sitk.DICOMOrient(mask, orientation)
 
     def _segment(self, hu: np.ndarray, body: np.ndarray, spacing: np.ndarray,
                  seed: tuple[int, ...]) -> np.ndarray:
-        """Steps 2-5 of the module docstring on a (z, y, x) box; returns the tumour mask."""
+        """Steps 2-6 of the module docstring on (z, y, x) arrays; returns the tumour mask."""
         lower, upper = self.tumour_hu
         seed_hu = float(hu[seed])
         if seed_hu < self.air_hu:
@@ -203,20 +210,48 @@ class SeededSegmenter:
                    f"tumour_hu [{lower:.0f}, {upper:.0f}])")
             raise SegmentationError(msg)
         lung = body & (hu < self.lung_hu)
-        depth = float(_distance_to(lung, spacing)[seed])
-        if depth > self.max_diameter_mm / 2:
-            msg = (f"the seed is {depth:.1f} mm from the nearest lung or air, deeper than a "
-                   f"tumour of max_diameter_mm {self.max_diameter_mm:.0f} allows: it is not "
-                   "in a lung tumour")
-            raise SegmentationError(msg)
+        depth = self._depth(lung, seed, spacing)
 
-        field = _close(ndimage.binary_fill_holes(lung), self.wall_closing_factor * depth,
-                       spacing)
+        # Work in the box the tumour and the lung-field closing can reach.
+        closing = self.wall_closing_factor * depth
+        box = _box(seed, self.max_diameter_mm + closing, spacing, hu.shape)
+        seed = tuple(s - b.start for s, b in zip(seed, box, strict=True))
+        hu, lung = hu[box], lung[box]
+        field = _close(ndimage.binary_fill_holes(lung), closing, spacing)
         if not field[seed]:
             msg = "the seed lies outside the lung field (chest wall or mediastinum?)"
             raise SegmentationError(msg)
         grown = _component_at(field & (hu >= lower) & (hu <= upper), seed, "grown region")
+
+        # The rest only needs the grown region and the bands around it.
+        points = np.argwhere(grown)
+        reach = max(self.band_mm[1], self.margin_mm) + spacing.max()
+        local = tuple(slice(max(lo - h, 0), hi + h + 1) for lo, hi, h in zip(
+            points.min(0), points.max(0), np.ceil(reach / spacing).astype(int), strict=True))
+        seed = tuple(s - b.start for s, b in zip(seed, local, strict=True))
         radius = min(self.vessel_radius_mm, self.vessel_cut_max_fraction * depth)
+        tumour = self._boundary(hu[local], lung[local], grown[local], radius, spacing, seed)
+
+        self._check_plausible(tumour, spacing)
+        out = np.zeros(body.shape, dtype=np.uint8)
+        out[box][local] = tumour
+        return out
+
+    def _depth(self, lung: np.ndarray, seed: tuple[int, ...], spacing: np.ndarray) -> float:
+        """Distance in mm from the seed to the nearest lung voxel; raises beyond a radius."""
+        limit = self.max_diameter_mm / 2
+        near = _box(seed, limit, spacing, lung.shape)
+        offsets = (np.argwhere(lung[near]) + [b.start for b in near] - seed) * spacing
+        depth = float(np.sqrt((offsets**2).sum(1)).min()) if len(offsets) else np.inf
+        if depth > limit:
+            msg = (f"no lung or air within {limit:.0f} mm (max_diameter_mm / 2) of the seed: "
+                   "it is not in a lung tumour")
+            raise SegmentationError(msg)
+        return depth
+
+    def _boundary(self, hu: np.ndarray, lung: np.ndarray, grown: np.ndarray, radius: float,
+                  spacing: np.ndarray, seed: tuple[int, ...]) -> np.ndarray:
+        """Steps 4-5: vessel cut, half-contrast edge, margin and hole filling."""
         edge = self._edge_hu(hu, lung, self._cut_vessels(grown, radius, spacing, seed),
                              spacing, seed)
         # The vessel cut again at the final edge, where vessels have their true width.
@@ -234,12 +269,13 @@ class SeededSegmenter:
 
     def _edge_hu(self, hu: np.ndarray, lung: np.ndarray, core: np.ndarray,
                  spacing: np.ndarray, seed: tuple[int, ...]) -> float:
-        """Attenuation half-way (``edge_fraction``) between the tumour rim and the lung."""
+        """Attenuation ``edge_fraction`` of the way from the lung to the tumour's rim."""
         inside = _distance_to(~core, spacing)
         outside = _distance_to(core, spacing)
-        inner_band = core & (inside >= self.band_mm[0]) & (inside <= self.band_mm[1])
+        low, high = self.band_mm
+        inner_band = core & (inside >= low) & (inside <= high)
         inner_band[seed] = True
-        outer_band = lung & (outside >= self.band_mm[0]) & (outside <= self.band_mm[1])
+        outer_band = lung & (outside >= low) & (outside <= high)
         if not outer_band.any():
             msg = "no lung around the grown region to measure the tumour's contrast against"
             raise SegmentationError(msg)
@@ -249,9 +285,11 @@ class SeededSegmenter:
         # Never looser than the growing interval; never so strict that the seed drops out.
         return min(max(edge, self.tumour_hu[0]), float(hu[seed]))
 
-    def _check_plausible(self, mask: sitk.Image) -> None:
-        """Raise a leak error when ``mask`` is bigger than any plausible tumour."""
-        size = roi_measurements(mask)
+    def _check_plausible(self, tumour: np.ndarray, spacing: np.ndarray) -> None:
+        """Raise a leak error when ``tumour`` is bigger than any plausible tumour."""
+        image = sitk.GetImageFromArray(tumour.astype(np.uint8))
+        image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+        size = roi_measurements(image)
         if (size["volume_ml"] > self.max_volume_ml
                 or size["max_diameter_mm"] > self.max_diameter_mm):
             msg = (f"leak: the region grew to {size['volume_ml']:.1f} ml and "

@@ -90,7 +90,11 @@ def _standardized(A: np.ndarray) -> np.ndarray:
 
 
 class _SupportSelector(SelectorMixin, BaseEstimator):
-    """Column selector that never keeps zero columns: downstream steps need at least one."""
+    """Column selector that never keeps zero columns: downstream steps need at least one.
+
+    Fitted subclasses have ``support_`` (boolean mask), ``selected_features_`` (kept names)
+    and ``fallback_`` (True when the criterion kept nothing and the best column was kept).
+    """
 
     def _set_support(self, keep: np.ndarray, scores: np.ndarray) -> None:
         """Store the kept columns; with none, keep the best-scoring one and warn.
@@ -101,13 +105,14 @@ class _SupportSelector(SelectorMixin, BaseEstimator):
         """
         self.fallback_ = not keep.any()
         if self.fallback_:
-            best = int(np.argmax(np.nan_to_num(scores, nan=-np.inf)))
             keep = np.zeros_like(keep)
-            keep[best] = True
-            msg = f"{type(self).__name__} kept no feature; keeping the best one (column {best})"
-            warnings.warn(msg, SelectionFallbackWarning, stacklevel=3)
+            keep[np.argmax(np.nan_to_num(scores, nan=-np.inf))] = True
         self.support_ = keep
         self.selected_features_ = self.get_feature_names_out()
+        if self.fallback_:
+            best = self.selected_features_[0]
+            msg = f"{type(self).__name__} kept no feature; keeping the best one, {best!r}"
+            warnings.warn(msg, SelectionFallbackWarning, stacklevel=3)
 
     def _get_support_mask(self) -> np.ndarray:
         check_is_fitted(self, "support_")

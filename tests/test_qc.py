@@ -1,0 +1,133 @@
+"""Tests of ROI measurements (analytic ellipsoids) and of the QC figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from matplotlib.image import imread
+
+from pdl1exp.imaging.measurements import feret_diameter, roi_measurements
+from pdl1exp.imaging.qc import qc_figure
+
+ANISOTROPIC = (0.7, 0.9, 2.5)
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+# Index axis 0 runs along world z, axis 2 along world x: axial planes are index planes i.
+PERMUTED = (0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0)
+
+
+def _ellipsoid(semi_axes_mm: tuple[float, float, float], *, size: tuple[int, int, int],
+               spacing: tuple[float, ...] = ANISOTROPIC,
+               direction: tuple[float, ...] = IDENTITY,
+               centre_mm: tuple[float, float, float] = (3.0, -7.0, 11.0)) -> sitk.Image:
+    """uint8 image of the world-aligned ellipsoid (x, y, z semi-axes) about ``centre_mm``."""
+    image = sitk.Image(size, sitk.sitkUInt8)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    matrix = np.asarray(direction).reshape(3, 3)
+    # Put the volume's centre on the ellipsoid's centre.
+    half = (np.asarray(size) - 1) / 2 * np.asarray(spacing)
+    image.SetOrigin(tuple(np.asarray(centre_mm) - matrix @ half))
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), axis=-1)
+    world = np.asarray(image.GetOrigin()) + (index * spacing) @ matrix.T
+    level = (((world - centre_mm) / semi_axes_mm) ** 2).sum(axis=-1)
+    # meshgrid "ij" gives (i, j, k) order; SimpleITK arrays are (k, j, i).
+    mask = sitk.GetImageFromArray((level <= 1.0).transpose(2, 1, 0).astype(np.uint8))
+    mask.CopyInformation(image)
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("semi_axes", "axial"),
+    [((15.0, 15.0, 15.0), 30.0), ((20.0, 12.0, 8.0), 40.0), ((8.0, 12.0, 25.0), 24.0)],
+)
+@pytest.mark.parametrize("direction", [IDENTITY, PERMUTED])
+def test_measurements_of_analytic_ellipsoids(semi_axes: tuple[float, float, float],
+                                             axial: float,
+                                             direction: tuple[float, ...]) -> None:
+    # Odd sizes put the centre on a voxel centre, so an axial slice runs through it.
+    size = (81, 71, 41) if direction == IDENTITY else (41, 71, 81)
+    spacing = ANISOTROPIC if direction == IDENTITY else ANISOTROPIC[::-1]
+    mask = _ellipsoid(semi_axes, size=size, spacing=spacing, direction=direction)
+    result = roi_measurements(mask)
+
+    a, b, c = semi_axes
+    assert result["volume_ml"] == pytest.approx(4 / 3 * np.pi * a * b * c / 1000, rel=0.03)
+    # Voxel centres lie inside the surface by at most one voxel.
+    assert 2 * max(semi_axes) - max(spacing) <= result["max_diameter_mm"] <= 2 * max(semi_axes)
+    in_plane = np.hypot(*sorted(spacing)[:2])
+    assert axial - in_plane <= result["max_axial_diameter_mm"] <= axial
+    np.testing.assert_allclose(result["centroid_mm"], (3.0, -7.0, 11.0), atol=0.05)
+    assert result["n_voxels"] == int(sitk.GetArrayViewFromImage(mask).sum())
+    volume = sitk.GetArrayViewFromImage(mask).transpose(2, 1, 0)
+    start, extent = result["bbox_index"]["start"], result["bbox_index"]["size"]
+    box = volume[tuple(slice(s, s + n) for s, n in zip(start, extent, strict=True))]
+    assert box.sum() == volume.sum()
+    assert all(box.take(0, axis=k).any() and box.take(-1, axis=k).any() for k in range(3))
+
+
+def test_feret_diameter_matches_itk_on_an_irregular_blob() -> None:
+    rng = np.random.default_rng(0)
+    blob = np.zeros((20, 40, 40), dtype=np.uint8)
+    for _ in range(6):
+        z, y, x = rng.integers((5, 10, 10), (15, 30, 30))
+        blob[z - 3:z + 3, y - 5:y + 4, x - 2:x + 7] = 1
+    mask = sitk.GetImageFromArray(blob)
+    mask.SetSpacing(ANISOTROPIC)
+    itk = sitk.LabelShapeStatisticsImageFilter()
+    itk.ComputeFeretDiameterOn()
+    itk.Execute(mask)
+    assert roi_measurements(mask)["max_diameter_mm"] == pytest.approx(
+        itk.GetFeretDiameter(1), abs=1e-6)
+
+
+def test_feret_diameter_of_degenerate_point_sets() -> None:
+    assert feret_diameter(np.array([[1.0, 2.0]])) == 0.0
+    line = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [3.0, 3.0, 3.0],
+                     [4.0, 4.0, 4.0]])
+    assert feret_diameter(line) == pytest.approx(4 * np.sqrt(3))
+
+
+def test_measurements_of_an_empty_mask_fail() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        roi_measurements(sitk.Image((8, 8, 8), sitk.sitkUInt8))
+
+
+def _ct_with(mask: sitk.Image) -> sitk.Image:
+    """Lung (-850 HU) with a soft-tissue tumour (30 HU) where ``mask`` is set."""
+    ct = sitk.Cast(mask, sitk.sitkInt16) * 880 - 850
+    ct.CopyInformation(mask)
+    return ct
+
+
+def _red(png: np.ndarray) -> np.ndarray:
+    return (png[..., 0] > 0.8) & (png[..., 1] < 0.3) & (png[..., 2] < 0.3)
+
+
+def test_qc_figure_is_written_with_physical_aspect(tmp_path: Path) -> None:
+    # A sphere on 0.8 x 0.8 x 2.5 mm voxels: drawn in mm, its contours are round.
+    mask = _ellipsoid((10.0, 10.0, 10.0), size=(65, 65, 25), spacing=(0.8, 0.8, 2.5))
+    path = qc_figure(_ct_with(mask), mask, tmp_path / "qc" / "p1.png", title="case 1",
+                     figsize_in=(12.0, 4.0), dpi=80)
+
+    assert path == tmp_path / "qc" / "p1.png"
+    assert path.stat().st_size > 0
+    png = imread(path)
+    assert png.shape[:2] == (4 * 80, 12 * 80)
+    assert png[..., :3].std() > 0.1
+    width = png.shape[1]
+    for panel in range(3):
+        red = np.argwhere(_red(png[:, panel * width // 3:(panel + 1) * width // 3]))
+        assert len(red) > 0, f"no contour in panel {panel}"
+        height, across = red.max(0) - red.min(0)
+        assert height / across == pytest.approx(1.0, rel=0.15)
+
+
+def test_qc_figure_rejects_a_mask_on_another_grid(tmp_path: Path) -> None:
+    mask = _ellipsoid((5.0, 5.0, 5.0), size=(33, 33, 13))
+    other = _ellipsoid((5.0, 5.0, 5.0), size=(33, 33, 13), spacing=(0.8, 0.9, 2.5))
+    with pytest.raises(ValueError, match="geometry"):
+        qc_figure(_ct_with(mask), other, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()

@@ -1,0 +1,39 @@
+"""Tracking helpers: run lifecycle, flattening, pseudonyms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pdl1exp.tracking import flatten, pseudonym, pseudonym_key, setup, tracked_run
+
+
+def test_runs_end_failed_or_killed_never_running(tmp_path: Path) -> None:
+    setup(f"sqlite:///{tmp_path}/mlflow.db", "lifecycle")
+    with pytest.raises(ZeroDivisionError), tracked_run("boom") as run:
+        failed = run.info.run_id
+        _ = 1 / 0
+    with pytest.raises(KeyboardInterrupt), tracked_run("ctrl-c") as run:
+        killed = run.info.run_id
+        raise KeyboardInterrupt
+    with tracked_run("ok") as run:
+        finished = run.info.run_id
+    status = {r: mlflow.get_run(r).info.status for r in (failed, killed, finished)}
+    assert status == {failed: "FAILED", killed: "KILLED", finished: "FINISHED"}
+    assert "ZeroDivisionError" in mlflow.get_run(failed).data.tags["error"]
+    assert mlflow.active_run() is None
+
+
+def test_flatten_gives_dotted_keys() -> None:
+    assert flatten({"backbone": {"name": "r50", "tta": {"n": 4}}, "seed": 1}) == {
+        "backbone.name": "r50", "backbone.tta.n": 4, "seed": 1}
+
+
+def test_pseudonyms_are_stable_keyed_and_not_the_id(tmp_path: Path) -> None:
+    key = pseudonym_key(tmp_path)
+    assert pseudonym_key(tmp_path) == key
+    assert pseudonym("SYN0001", key) == pseudonym("SYN0001", key) != "SYN0001"
+    assert pseudonym("SYN0001", key) != pseudonym("SYN0002", key)
+    assert pseudonym("SYN0001", key) != pseudonym("SYN0001", pseudonym_key(tmp_path / "other"))
