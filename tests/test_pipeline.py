@@ -45,7 +45,10 @@ def test_smoke_experiment_end_to_end(compose_cfg, tmp_path: Path) -> None:
     assert metrics["cv_auc"] == pytest.approx(objective, abs=0.2)
     artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "metrics.csv", "delong_tests.csv", "splits.csv",
-            "selected_features.csv", "predictions.csv", "qc"} <= artifacts
+            "selected_features.csv", "predictions.csv", "qc", "roc_test.png",
+            "calibration_test.png", "dca_test.png", "lasso_path.png", "nomogram.png",
+            "report.html", "metrics_table.csv", "baseline_by_split.csv",
+            "clinical_odds_ratios.csv"} <= artifacts
     qc = [a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "qc")]
     assert qc
     assert all(p.startswith("qc/SYN") and p.endswith(".png") for p in qc)
@@ -54,6 +57,9 @@ def test_smoke_experiment_end_to_end(compose_cfg, tmp_path: Path) -> None:
     table = pd.read_csv(Path(folder) / "metrics.csv")
     assert set(table["split"]) == {"train", "cv", "test"}
     assert set(table["feature_set"]) == {"clinical", "dlr", "combined"}
+    report = (Path(folder) / "report.html").read_text()
+    assert "AUC (95% CI)" in report
+    assert "data:image/png;base64" in report
     splits = pd.read_csv(Path(folder) / "splits.csv", index_col="patient_id")
     assert len(splits) == cfg.dataset.generator.n_patients
     assert (splits["split"] == "test").mean() == pytest.approx(cfg.dataset.test_size, abs=0.05)

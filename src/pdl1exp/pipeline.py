@@ -15,6 +15,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from sklearn.base import clone
@@ -29,13 +30,15 @@ from pdl1exp.evaluation import (
     metrics_with_ci,
     youden_threshold,
 )
-from pdl1exp.features.extract import Extraction, extract_features
+from pdl1exp.features.extract import Extraction, extract_features, extractor_code_version
 from pdl1exp.hashing import content_key
 from pdl1exp.imaging.qc import qc_figure
 from pdl1exp.imaging.rois import prepare_rois
 from pdl1exp.models.clinical import SIGNATURE, clinical_pipeline, out_of_fold, signature
 from pdl1exp.models.selected import SelectedModel
 from pdl1exp.models.tuning import TuningResult, nested_cv_auc, sweep
+from pdl1exp.reporting import write_outputs
+from pdl1exp.serving import PREDICTIONS_FILE, log_selected_model
 from pdl1exp.tracking import (
     environment_tags,
     flatten,
@@ -84,15 +87,18 @@ class ModelResult:
         return f"{self.feature_set}/{self.classifier}"
 
 
-def cohort_stage(cfg: DictConfig) -> Cohort:
-    """Write the synthetic cohort when configured, then load and validate the manifest."""
+def cohort_stage(cfg: DictConfig, *, require_label: bool = True) -> Cohort:
+    """Write the synthetic cohort when configured, then load and validate the manifest.
+
+    ``require_label=False`` for scoring new patients (absent labels become -1).
+    """
     ds = cfg.dataset
     path = instantiate(ds.generator).write() if ds.generator else ds.path
     return load_cohort(path, tps_cutoff=ds.tps_cutoff, numeric=list(ds.clinical.numeric),
                        categorical=list(ds.clinical.categorical), on_error=ds.on_error,
                        air_hu=ds.validation.air_hu,
                        geometry_tolerance_mm=ds.validation.geometry_tolerance_mm,
-                       n_jobs=ds.validation.n_jobs)
+                       n_jobs=ds.validation.n_jobs, require_label=require_label)
 
 
 def roi_stage(cfg: DictConfig, cohort: Cohort) -> tuple[pd.DataFrame, list[Problem]]:
@@ -284,12 +290,16 @@ def _fit_models(cfg: DictConfig, cohort: Cohort, rois: pd.DataFrame, table: pd.D
                                              cohort.numeric, cohort.categorical))
     if "dlr" not in cfg.feature_sets:
         return fitted
+    # Fine-tuning (when enabled) sees the training patients only: the leakage guard.
     extraction = extract_features(rois, preprocess=cfg.preprocess, roi=cfg.roi,
                                   backbone=cfg.backbone, seed=cfg.seed,
-                                  cache_dir=Path(cfg.paths.cache_dir) / "features")
+                                  cache_dir=Path(cfg.paths.cache_dir) / "features",
+                                  train_labels=y[splits == "train"])
     mlflow.set_tags({"backbone_weights": extraction.weights_tag,
                      "feature_cache": "hit" if extraction.cache_hit else "miss",
                      "feature_cache_key": extraction.key, "precision": extraction.precision})
+    if extraction.finetune:
+        mlflow.log_dict(extraction.finetune, "finetune.json")
     X = extraction.table.loc[rois.index]
     dlr = _dlr_models(cfg, X, y, splits, centers, extraction.key)
     fitted.models.extend(dlr)
@@ -327,6 +337,25 @@ def _predictions(best: ModelResult, y: pd.Series, splits: pd.Series) -> pd.DataF
     return pd.concat(frames, ignore_index=True)
 
 
+def _extractor_identity(cfg: DictConfig, extraction: Extraction | None) -> dict[str, Any]:
+    """What predict needs to recompute the deep features exactly as in training."""
+    if extraction is None:
+        return {}
+    configs = {k: OmegaConf.to_container(cfg[k], resolve=True)
+               for k in ("backbone", "preprocess", "roi", "segmentation")}
+    return {**configs, "seed": cfg.seed, "weights_tag": extraction.weights_tag,
+            "precision": extraction.precision, "feature_cache_key": extraction.key,
+            "code_version": extractor_code_version()}
+
+
+def _run_folder() -> Path:
+    """Hydra's run folder when running under Hydra, else a fresh temporary folder."""
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path(tempfile.mkdtemp(prefix="pdl1exp-"))
+
+
 def run(cfg: DictConfig) -> float:
     """Run one experiment; return the selected model's CV AUC (the sweep objective)."""
     logging.getLogger("pdl1exp").setLevel(cfg.log_level)
@@ -358,7 +387,8 @@ def run(cfg: DictConfig) -> float:
         models = fitted.models
         metrics = pd.concat([_evaluate(cfg, m, y) for m in models], ignore_index=True)
         log_frame(metrics, "metrics.csv")
-        log_frame(_delong_table(models, y), "delong_tests.csv")
+        delong = _delong_table(models, y)
+        log_frame(delong, "delong_tests.csv")
         for model in models:
             rows = metrics[(metrics.feature_set == model.feature_set)
                            & (metrics.classifier == model.classifier)]
@@ -369,8 +399,15 @@ def run(cfg: DictConfig) -> float:
         mlflow.log_metrics(_split_metrics(rows))
         mlflow.set_tags({"best_feature_set": best.feature_set,
                          "best_classifier": best.classifier})
+        write_outputs(cfg, cohort=cohort, table=table, splits=splits, fitted=fitted, best=best,
+                      metrics=metrics, delong=delong,
+                      versions={**tags, "data_hash": cohort.data_hash}, folder=_run_folder())
         selected = _selected_model(best, fitted, cohort)
-        log_frame(_predictions(best, y, splits), "predictions.csv")
+        log_frame(_predictions(best, y, splits), PREDICTIONS_FILE)
+        inputs = table if fitted.extraction is None else table.join(fitted.extraction.table)
+        log_selected_model(selected, example=inputs.loc[splits == "train"],
+                           extractor=_extractor_identity(cfg, fitted.extraction),
+                           registered_model=cfg.tracking.registered_model)
         log.info("Selected %s (CV AUC %.3f); metrics in MLflow run %s", best.name, best.cv_auc,
                  mlflow.active_run().info.run_id)
         return float(best.cv_auc)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pdl1exp.features.backbones import build_backbone
 from pdl1exp.features.cache import FeatureCache
 from pdl1exp.features.extractor import DeepFeatureExtractor, ROIDataModule, Throughput
+from pdl1exp.features.finetune import finetune_backbone, finetune_spec, finetuned_tag, read_summary
 from pdl1exp.features.weights import input_normalisation, load_weights
 from pdl1exp.hashing import content_key
 from pdl1exp.imaging.preprocess import build_transforms
@@ -34,8 +35,8 @@ log = logging.getLogger(__name__)
 
 # Source files whose change must invalidate cached features.
 _CODE = ("features/extract.py", "features/extractor.py", "features/backbones.py",
-         "features/weights.py", "imaging/preprocess.py", "imaging/reader.py", "imaging/roi.py",
-         "data/images.py")
+         "features/weights.py", "features/finetune.py", "imaging/preprocess.py",
+         "imaging/reader.py", "imaging/roi.py", "data/images.py")
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,11 @@ class Extraction:
         table: one row per patient (index patient_id), columns ``dl_0000``...
         cache_hit: True when no forward pass ran.
         key: the feature-cache key.
-        weights_tag: what was really loaded (``imagenet:``/``file:``/``random:``).
+        weights_tag: what was really loaded (``imagenet:``/``file:``/``random:``), with
+            ``+finetuned:<sha12>`` after fine-tuning.
         precision: the precision the forward pass used (or would have used).
         patients_per_s: throughput of the forward pass (0 on a cache hit).
+        finetune: the fine-tuning summary (None without fine-tuning).
     """
 
     table: pd.DataFrame
@@ -57,6 +60,7 @@ class Extraction:
     weights_tag: str
     precision: str
     patients_per_s: float
+    finetune: dict[str, Any] | None = None
 
 
 def extractor_code_version() -> str:
@@ -81,10 +85,16 @@ def resolve_precision(requested: str) -> str:
 
 
 def feature_key(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictConfig,
-                backbone: DictConfig, weights_tag: str, precision: str, tta_views: int) -> str:
-    """Content hash of everything that determines the features (not paths, not batch size)."""
+                backbone: DictConfig, weights_tag: str, precision: str, tta_views: int,
+                finetune: dict[str, Any] | None = None) -> str:
+    """Content hash of everything that determines the features (not paths, not batch size).
+
+    ``finetune`` (from :func:`pdl1exp.features.finetune.finetune_spec`) adds the fine-tuning
+    config, seed and training labels; without it the key is that of the loaded weights.
+    """
     arch = OmegaConf.to_container(backbone, resolve=True)
     return content_key({
+        **({"finetune": finetune} if finetune else {}),
         "patients": rois[["image_sha", "mask_key"]].sort_index().to_dict("index"),
         "preprocess": OmegaConf.to_container(preprocess, resolve=True),
         "roi": OmegaConf.to_container(roi, resolve=True),
@@ -101,8 +111,12 @@ def _items(rois: pd.DataFrame) -> list[dict[str, Any]]:
 
 def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictConfig,
                      backbone: DictConfig, seed: int, cache_dir: str | Path,
-                     devices: str | int = "auto") -> Extraction:
+                     devices: str | int = "auto",
+                     train_labels: pd.Series | None = None) -> Extraction:
     """Embed every patient's ROI, or read the embeddings from the cache.
+
+    With ``backbone.finetune.enabled`` the backbone is first fine-tuned on the patients of
+    ``train_labels`` only (never pass test or external patients there).
 
     Args:
         rois: index patient_id; columns ``image``, ``mask`` (paths), ``image_sha``,
@@ -113,6 +127,8 @@ def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
         seed: seed of random weights.
         cache_dir: the feature cache folder.
         devices: Lightning devices.
+        train_labels: 0/1 labels of the training patients (index patient_id); required
+            when fine-tuning.
     """
     net = build_backbone(name=backbone.arch, spatial_dims=backbone.spatial_dims,
                          in_channels=roi.channels, multi_stage=backbone.multi_stage)
@@ -120,18 +136,29 @@ def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
                        hub_dir=backbone.hub_dir, allow_download=backbone.allow_download)
     precision = resolve_precision(str(backbone.precision))
     tta_views = int(backbone.tta.n) if backbone.tta.enabled else 1
+    spec = finetune_spec(backbone.finetune, train_labels=train_labels, seed=seed,
+                         patients=rois.index)
     key = feature_key(rois, preprocess=preprocess, roi=roi, backbone=backbone,
-                      weights_tag=tag, precision=precision, tta_views=tta_views)
+                      weights_tag=tag, precision=precision, tta_views=tta_views, finetune=spec)
     cache = FeatureCache(cache_dir)
+    tuned_dir = cache.folder / "finetune" / key
+    tuned = read_summary(tuned_dir) if spec else None
     cached = cache.get(key)
-    if cached is not None:
+    if cached is not None and (tuned or not spec):
         log.info("Feature cache hit %s (%d patients, %d features)", key, *cached.shape)
-        return Extraction(cached, True, key, tag, precision, 0.0)
+        return Extraction(cached, True, key, finetuned_tag(tag, tuned), precision, 0.0, tuned)
 
     transform = build_transforms(spacing_mm=preprocess.spacing_mm, axcodes=preprocess.axcodes,
                                  window_width=preprocess.window_width,
                                  window_level=preprocess.window_level, roi=instantiate(roi))
     mean, std = input_normalisation(tag)
+    if spec:
+        net, tuned = finetune_backbone(
+            net, items_train=_items(rois.loc[train_labels.index]),
+            labels=train_labels.to_numpy(), transform=transform, cfg_finetune=backbone.finetune,
+            seed=seed, checkpoint_dir=tuned_dir, mean=mean, std=std, precision=precision,
+            num_workers=backbone.num_workers, channels_last=backbone.channels_last)
+        tag = finetuned_tag(tag, tuned)
     module = DeepFeatureExtractor(net, mean=mean, std=std,
                                   channels_last=backbone.channels_last, tta_views=tta_views)
     data = ROIDataModule(_items(rois), transform, batch_size=backbone.batch_size,
@@ -150,4 +177,4 @@ def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
     cache.put(key, table)
     log.info("Extracted %d patients at %.1f patients/s; cached as %s", len(table),
              throughput.patients_per_s, key)
-    return Extraction(table, False, key, tag, precision, throughput.patients_per_s)
+    return Extraction(table, False, key, tag, precision, throughput.patients_per_s, tuned)

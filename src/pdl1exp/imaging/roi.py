@@ -87,6 +87,18 @@ class TumourROId(MapTransform):
         self.adjacent_mm = float(adjacent_mm)
         self.channels = int(channels)
 
+    def _dilated(self, mask: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                 spacing: np.ndarray) -> np.ndarray:
+        """The mask dilated by ``mask_dilation_mm``, computed on the tumour's box only."""
+        pad = np.ceil(self.mask_dilation_mm / spacing).astype(int) + 1
+        start = np.maximum(lo - pad, 0)
+        stop = np.minimum(hi + pad + 1, mask.shape)
+        box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+        dilated = np.zeros_like(mask)
+        distance = ndimage.distance_transform_edt(~mask[box], sampling=spacing)
+        dilated[box] = distance <= self.mask_dilation_mm
+        return dilated
+
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         image_key, mask_key = self.keys
@@ -96,11 +108,10 @@ class TumourROId(MapTransform):
         if not mask.any():
             msg = "the tumour mask is empty after resampling (tumour smaller than a voxel?)"
             raise ValueError(msg)
-        if self.crop == "masked":
-            outside = ndimage.distance_transform_edt(~mask, sampling=spacing)
-            image = image * torch.as_tensor(outside <= self.mask_dilation_mm)
         coords = np.argwhere(mask)
         lo, hi = coords.min(axis=0), coords.max(axis=0)
+        if self.crop == "masked":
+            image = image * torch.as_tensor(self._dilated(mask, lo, hi, spacing))
         centre = (lo + hi) / 2
         extent_mm = (hi - lo + 1) * spacing
         side_mm = float(extent_mm.max() if self.mode == "3d" else extent_mm[:2].max())

@@ -9,41 +9,94 @@ import numpy as np
 import pandas as pd
 from hydra.utils import instantiate
 from scipy.special import logit
-from sklearn.compose import ColumnTransformer
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.compose import ColumnTransformer, make_column_selector
 from sklearn.impute import SimpleImputer
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-__all__ = ["SIGNATURE", "clinical_pipeline", "out_of_fold", "signature"]
+from pdl1exp.evaluation.tables import univariate_screen
+
+__all__ = ["SIGNATURE", "UnivariateScreen", "clinical_pipeline", "out_of_fold", "signature"]
 
 SIGNATURE = "dlr_signature"
 # Keeps the signature finite when a model is certain.
 _EPS = 1e-6
 
 
-def clinical_pipeline(cfg: Mapping[str, Any], *, numeric: Sequence[str],
-                      categorical: Sequence[str]) -> Pipeline:
-    """Impute (median / most frequent) → scale numeric, one-hot categorical → logistic model.
+class UnivariateScreen(TransformerMixin, BaseEstimator):
+    """Keep the variables whose univariate logistic likelihood-ratio p is below a threshold.
+
+    The paper's clinical screening, as a pipeline step so that it is refitted inside every CV
+    fold. When no variable passes, the one with the smallest p is kept (``fallback_``).
 
     Args:
-        cfg: ``cfg.clinical`` (``estimator``, ``categorical_encoder``).
+        numeric: candidate numeric columns.
+        categorical: candidate categorical columns.
+        p_threshold: selection level; None keeps every candidate.
+        keep: columns always kept, untested (the DLR signature of the combined model).
+    """
+
+    def __init__(self, *, numeric: Sequence[str] = (), categorical: Sequence[str] = (),
+                 p_threshold: float | None = 0.05, keep: Sequence[str] = ()) -> None:
+        self.numeric = numeric
+        self.categorical = categorical
+        self.p_threshold = p_threshold
+        self.keep = keep
+
+    def fit(self, X: pd.DataFrame, y: np.ndarray) -> UnivariateScreen:
+        numeric = [c for c in self.numeric if c not in self.keep]
+        categorical = [c for c in self.categorical if c not in self.keep]
+        self.fallback_ = False
+        if self.p_threshold is None or not numeric + categorical:
+            chosen = set(numeric + categorical)
+            self.screen_ = pd.DataFrame(columns=["variable", "p", "selected"])
+        else:
+            self.screen_ = univariate_screen(X, np.asarray(y), numeric=numeric,
+                                             categorical=categorical,
+                                             p_threshold=self.p_threshold)
+            p = self.screen_.groupby("variable", sort=False)["p"].first()
+            chosen = set(p.index[p < self.p_threshold])
+            if not chosen:
+                chosen, self.fallback_ = {p.idxmin()}, True
+        self.numeric_ = [c for c in self.numeric if c in chosen or c in self.keep]
+        self.categorical_ = [c for c in self.categorical if c in chosen or c in self.keep]
+        return self
+
+    def transform(self, X: pd.DataFrame) -> pd.DataFrame:
+        return X[self.numeric_ + self.categorical_]
+
+    def get_feature_names_out(self, input_features=None) -> np.ndarray:
+        return np.asarray(self.numeric_ + self.categorical_, dtype=object)
+
+
+def clinical_pipeline(cfg: Mapping[str, Any], *, numeric: Sequence[str],
+                      categorical: Sequence[str], keep: Sequence[str] = ()) -> Pipeline:
+    """Screen → impute (median / most frequent) → scale numeric, one-hot categorical → logistic.
+
+    Args:
+        cfg: ``cfg.clinical`` (``screening_p``, ``estimator``, ``categorical_encoder``).
         numeric: numeric columns (the DLR signature is one for the combined model).
         categorical: categorical columns.
+        keep: columns exempt from screening.
     """
-    parts = []
-    if numeric:
-        parts.append(("numeric", Pipeline([("impute", SimpleImputer(strategy="median")),
-                                           ("scale", StandardScaler())]), list(numeric)))
-    if categorical:
-        parts.append(("categorical", Pipeline([
-            ("impute", SimpleImputer(strategy="most_frequent")),
-            ("encode", instantiate(cfg["categorical_encoder"]))]), list(categorical)))
-    if not parts:
+    if not [*numeric, *categorical]:
         msg = "the clinical model needs at least one clinical column (dataset.clinical)"
         raise ValueError(msg)
-    columns = ColumnTransformer(parts, verbose_feature_names_out=False)
-    return Pipeline([("columns", columns), ("classifier", instantiate(cfg["estimator"]))])
+    # Columns by dtype: the screen decides per fold which variables reach this step.
+    columns = ColumnTransformer([
+        ("numeric", Pipeline([("impute", SimpleImputer(strategy="median")),
+                              ("scale", StandardScaler())]),
+         make_column_selector(dtype_include="number")),
+        ("categorical", Pipeline([("impute", SimpleImputer(strategy="most_frequent")),
+                                  ("encode", instantiate(cfg["categorical_encoder"]))]),
+         make_column_selector(dtype_exclude="number")),
+    ], verbose_feature_names_out=False)
+    screen = UnivariateScreen(numeric=list(numeric), categorical=list(categorical),
+                              p_threshold=cfg["screening_p"], keep=list(keep))
+    return Pipeline([("screen", screen), ("columns", columns),
+                     ("classifier", instantiate(cfg["estimator"]))])
 
 
 def out_of_fold(model: Pipeline, X: pd.DataFrame, y: np.ndarray, *, folds: int,
