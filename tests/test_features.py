@@ -50,7 +50,8 @@ def test_roi_modes_shapes(compose_cfg, rois, roi: str, size: str, shape: tuple) 
     row = rois.iloc[0]
     crop = _transform(cfg)({"image": row["image"], "mask": row["mask"]})["image"]
     assert tuple(crop.shape) == shape
-    assert 0.0 <= float(crop.min()) and float(crop.max()) <= 1.0
+    assert float(crop.min()) >= 0.0
+    assert float(crop.max()) <= 1.0
     centre = crop[(0, *[s // 2 for s in shape[1:]])]
     assert float(centre) > 0.5  # the tumour (soft tissue) is bright in the lung window
 
@@ -185,4 +186,5 @@ def test_fixed_fov_keeps_physical_scale() -> None:
     assert area["fixed"][1] > 4 * area["fixed"][0]  # (10 / 4)² ≈ 6 in a fixed field of view
     # A tumour wider than the field of view is never cut: the crop widens to fit it.
     huge = TumourROId(size=(32, 32), margin_mm=2.0, fov_mm=10.0)(dict(large))["image"][0]
-    assert float(huge[0].max()) < 0.5 and float(huge[:, 0].max()) < 0.5
+    assert float(huge[0].max()) < 0.5
+    assert float(huge[:, 0].max()) < 0.5

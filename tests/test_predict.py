@@ -17,8 +17,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from pdl1exp.features.backbones import build_backbone
+from pdl1exp.features.extract import extractor_code_version
 from pdl1exp.pipeline import run
-from pdl1exp.predict import ExtractorMismatchError, predict
+from pdl1exp.predict import ExtractorMismatchError, _check_reproducible, predict
 from pdl1exp.promote import promote
 from pdl1exp.serving import held_out_predictions
 from tests.conftest import CONF, tiny_overrides
@@ -117,3 +118,10 @@ def test_prediction_refuses_features_it_cannot_reproduce(
     with pytest.raises(ExtractorMismatchError, match=match):
         predict(_compose("predict", *overrides))
     assert not (trained / "refused.csv").exists()
+
+
+def test_prediction_refuses_a_fine_tuned_backbone() -> None:
+    extractor = {"code_version": extractor_code_version(), "weights_tag": "random:0+finetuned:ab",
+                 "backbone": {"finetune": {"enabled": True}}}
+    with pytest.raises(ExtractorMismatchError, match="fine-tuned"):
+        _check_reproducible(extractor)

@@ -12,12 +12,18 @@ from pdl1exp.tracking import flatten, pseudonym, pseudonym_key, setup, tracked_r
 
 def test_runs_end_failed_or_killed_never_running(tmp_path: Path) -> None:
     setup(f"sqlite:///{tmp_path}/mlflow.db", "lifecycle")
-    with pytest.raises(ZeroDivisionError), tracked_run("boom") as run:
-        failed = run.info.run_id
-        _ = 1 / 0
-    with pytest.raises(KeyboardInterrupt), tracked_run("ctrl-c") as run:
-        killed = run.info.run_id
-        raise KeyboardInterrupt
+    ids = {}
+
+    def body(name: str, error: type[BaseException]) -> None:
+        with tracked_run(name) as run:
+            ids[name] = run.info.run_id
+            raise error
+
+    with pytest.raises(ZeroDivisionError):
+        body("boom", ZeroDivisionError)
+    with pytest.raises(KeyboardInterrupt):
+        body("ctrl-c", KeyboardInterrupt)
+    failed, killed = ids["boom"], ids["ctrl-c"]
     with tracked_run("ok") as run:
         finished = run.info.run_id
     status = {r: mlflow.get_run(r).info.status for r in (failed, killed, finished)}

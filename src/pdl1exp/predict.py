@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import DataType
 from omegaconf import DictConfig, OmegaConf
 
-from pdl1exp.data.manifest import CohortError
+from pdl1exp.data.manifest import CohortError, Problem
 from pdl1exp.evaluation import delong_ci
 from pdl1exp.features.extract import extract_features, extractor_code_version
 from pdl1exp.pipeline import cohort_stage, roi_stage
@@ -58,12 +58,17 @@ def _stage_config(cfg: DictConfig, extractor: dict[str, Any], *, numeric: list[s
                              "paths": OmegaConf.to_container(cfg.paths, resolve=True)})
 
 
-def _check_code(extractor: dict[str, Any]) -> None:
+def _check_reproducible(extractor: dict[str, Any]) -> None:
+    """Refuse before any work when this code cannot recompute the model's deep features."""
     code = extractor_code_version()
     if extractor["code_version"] != code:
         msg = (f"the preprocessing/feature code differs from the model's (code version {code}, "
                f"model trained with {extractor['code_version']}): its features would differ. "
                "Score with the pdl1exp commit the model was trained with (run tag git_commit).")
+        raise ExtractorMismatchError(msg)
+    if extractor["backbone"].get("finetune", {}).get("enabled"):
+        msg = (f"the model's backbone was fine-tuned in training ({extractor['weights_tag']}); "
+               "scoring with fine-tuned weights is not supported yet")
         raise ExtractorMismatchError(msg)
 
 
@@ -79,34 +84,38 @@ def _check_extraction(extractor: dict[str, Any], *, weights_tag: str, precision:
                     "slightly", precision, extractor["precision"])
 
 
+def _model_inputs(cfg: DictConfig, stage: DictConfig, extractor: dict[str, Any], *,
+                  deep: bool) -> tuple[pd.DataFrame, list[Problem]]:
+    """Cohort table (+ deep features) of the usable patients, and the problems of the rest."""
+    cohort = cohort_stage(stage, require_label=False)
+    if not deep:
+        return cohort.table, list(cohort.problems)
+    rois, roi_problems = roi_stage(stage, cohort)
+    extraction = extract_features(rois, preprocess=stage.preprocess, roi=stage.roi,
+                                  backbone=stage.backbone, seed=stage.seed,
+                                  cache_dir=Path(cfg.paths.cache_dir) / "features")
+    _check_extraction(extractor, weights_tag=extraction.weights_tag,
+                      precision=extraction.precision)
+    inputs = cohort.table.loc[rois.index].join(extraction.table)
+    return inputs, [*cohort.problems, *roi_problems]
+
+
 def predict(cfg: DictConfig) -> pd.DataFrame:
     """Score the manifest ``cfg.dataset.path``, write ``cfg.output`` and return its rows."""
     mlflow.set_tracking_uri(cfg.tracking.uri)
     uri, version = _pin(cfg.model_uri)
     model = mlflow.pyfunc.load_model(uri)
-    selected = model.unwrap_python_model()
-    extractor = selected.extractor
+    wrapper = model.unwrap_python_model()
+    selected, extractor = wrapper.model, wrapper.extractor
+    deep = set(selected.deep_features) if selected.feature_set != "clinical" else set()
     schema = model.metadata.get_input_schema()
-    deep = set(selected.model.deep_features) if selected.model.feature_set != "clinical" else set()
     kinds = {c.name: c.type for c in schema.inputs if c.name not in deep}
     numeric = [c for c, kind in kinds.items() if kind == DataType.double]
     categorical = [c for c, kind in kinds.items() if kind == DataType.string]
     if deep:
-        _check_code(extractor)
+        _check_reproducible(extractor)
     stage = _stage_config(cfg, extractor, numeric=numeric, categorical=categorical)
-
-    cohort = cohort_stage(stage, require_label=False)
-    problems = list(cohort.problems)
-    inputs = cohort.table
-    if deep:
-        rois, roi_problems = roi_stage(stage, cohort)
-        problems += roi_problems
-        extraction = extract_features(rois, preprocess=stage.preprocess, roi=stage.roi,
-                                      backbone=stage.backbone, seed=stage.seed,
-                                      cache_dir=Path(cfg.paths.cache_dir) / "features")
-        _check_extraction(extractor, weights_tag=extraction.weights_tag,
-                          precision=extraction.precision)
-        inputs = cohort.table.loc[rois.index].join(extraction.table)
+    inputs, problems = _model_inputs(cfg, stage, extractor, deep=bool(deep))
     scores = model.predict(inputs[schema.input_names()])
     output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)
