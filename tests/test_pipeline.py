@@ -30,6 +30,10 @@ def test_smoke_experiment_end_to_end(compose_cfg, tmp_path: Path) -> None:
     assert parent.info.status == "FINISHED"
     assert children == {"clinical/lr", "dlr/lr", "dlr/rf", "combined/lr"}
     assert all(r.info.status == "FINISHED" for r in runs)
+    dlr_lr = next(r for r in runs if r.info.run_name == "dlr/lr")
+    assert dlr_lr.data.metrics["sweep_n_trials"] == cfg.tuning.n_trials
+    assert dlr_lr.data.metrics["sweep_cv_auc_fold_sd"] >= 0.0
+    assert "trials.csv" in {a.path for a in MlflowClient().list_artifacts(dlr_lr.info.run_id)}
     tags = parent.data.tags
     for tag in ("git_commit", "data_hash", "config_hash", "backbone_weights", "feature_cache",
                 "feature_cache_key", "best_feature_set", "best_classifier", "version.torch"):

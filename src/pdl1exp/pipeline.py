@@ -30,7 +30,13 @@ from pdl1exp.evaluation import (
     metrics_with_ci,
     youden_threshold,
 )
-from pdl1exp.features.extract import Extraction, extract_features, extractor_code_version
+from pdl1exp.features.extract import (
+    DEEP_PREFIX,
+    ROI_DESCRIPTORS,
+    Extraction,
+    extract_features,
+    extractor_code_version,
+)
 from pdl1exp.hashing import content_key
 from pdl1exp.imaging.qc import qc_figure
 from pdl1exp.imaging.rois import prepare_rois
@@ -71,6 +77,7 @@ class ModelResult:
         params: hyperparameters.
         model: the pipeline fitted on the whole training split.
         extra: additional artifacts (tables) for the child run.
+        sweep: Optuna sweep summary metrics (mean tuned CV AUC, its fold SD, trial counts).
     """
 
     feature_set: str
@@ -81,6 +88,7 @@ class ModelResult:
     params: dict[str, Any]
     model: Any
     extra: dict[str, pd.DataFrame] = field(default_factory=dict)
+    sweep: dict[str, float] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -169,7 +177,12 @@ def _dlr_models(cfg: DictConfig, X: pd.DataFrame, y: pd.Series, splits: pd.Serie
         threshold = youden_threshold(y.loc[train], result.oof_proba.loc[train])
         models.append(ModelResult("dlr", name, result.cv_auc, threshold, proba,
                                   result.best_params, model,
-                                  extra={"trials.csv": result.trials}))
+                                  extra={"trials.csv": result.trials},
+                                  sweep={"sweep_cv_auc": result.cv_auc,
+                                         "sweep_cv_auc_fold_sd": float(
+                                             np.std(result.cv_auc_folds, ddof=1)),
+                                         "sweep_n_trials": result.n_trials,
+                                         "sweep_n_pruned": result.n_pruned}))
     return models
 
 
@@ -258,7 +271,7 @@ def _log_child(result: ModelResult, metrics: pd.DataFrame, tags: dict[str, str])
                                                     "classifier": result.classifier}):
         log_params({"classifier": result.classifier, "feature_set": result.feature_set,
                     "threshold": result.threshold, **result.params})
-        mlflow.log_metrics(_split_metrics(metrics))
+        mlflow.log_metrics({**_split_metrics(metrics), **result.sweep})
         for name, frame in result.extra.items():
             log_frame(frame, name)
 
@@ -300,7 +313,7 @@ def _fit_models(cfg: DictConfig, cohort: Cohort, rois: pd.DataFrame, table: pd.D
                      "feature_cache_key": extraction.key, "precision": extraction.precision})
     if extraction.finetune:
         mlflow.log_dict(extraction.finetune, "finetune.json")
-    X = extraction.table.loc[rois.index]
+    X = extraction.table.loc[rois.index].filter(like=DEEP_PREFIX, axis=1)
     dlr = _dlr_models(cfg, X, y, splits, centers, extraction.key)
     fitted.models.extend(dlr)
     fitted.best_dlr = select_best_model(dlr)
@@ -377,7 +390,7 @@ def run(cfg: DictConfig) -> float:
         if problems:
             log_frame(pd.DataFrame([vars(p) for p in problems]), "excluded_patients.csv")
         _log_qc(cfg, rois)
-        table = cohort.table.loc[rois.index]
+        table = cohort.table.loc[rois.index].join(rois[list(ROI_DESCRIPTORS)])
         y = table["label"]
         splits = assign_splits(table, test_size=cfg.dataset.test_size, seed=cfg.seed)
         log_frame(pd.DataFrame({"split": splits, "label": y}), "splits.csv", index=True)
@@ -404,7 +417,8 @@ def run(cfg: DictConfig) -> float:
                       versions={**tags, "data_hash": cohort.data_hash}, folder=_run_folder())
         selected = _selected_model(best, fitted, cohort)
         log_frame(_predictions(best, y, splits), PREDICTIONS_FILE)
-        inputs = table if fitted.extraction is None else table.join(fitted.extraction.table)
+        inputs = table if fitted.extraction is None else table.join(
+            fitted.extraction.table[fitted.deep_features])
         log_selected_model(selected, example=inputs.loc[splits == "train"],
                            extractor=_extractor_identity(cfg, fitted.extraction),
                            registered_model=cfg.tracking.registered_model)

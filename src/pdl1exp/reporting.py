@@ -22,6 +22,7 @@ from pdl1exp.evaluation.figures import (
 )
 from pdl1exp.evaluation.report import ReportSection, write_report
 from pdl1exp.evaluation.tables import baseline_table, metrics_table, odds_ratio_table
+from pdl1exp.features.extract import ROI_DESCRIPTORS
 from pdl1exp.models.clinical import SIGNATURE, signature
 from pdl1exp.models.nomogram import build_nomogram
 
@@ -126,11 +127,11 @@ def write_outputs(cfg: DictConfig, *, cohort: Cohort, table: pd.DataFrame, split
     wide.to_csv(folder / "metrics_table.csv", index=False)
     baseline = table.assign(split=splits, status=y.map({0: "PD-L1 negative",
                                                         1: "PD-L1 positive"}))
+    numeric = [*cohort.numeric, *(c for c in ROI_DESCRIPTORS if c in table.columns)]
     by_split = baseline_table(baseline[baseline["split"].isin(["train", "test"])],
-                              group="split", numeric=cohort.numeric,
-                              categorical=cohort.categorical)
+                              group="split", numeric=numeric, categorical=cohort.categorical)
     by_label = baseline_table(baseline[baseline["split"] == "train"], group="status",
-                              numeric=cohort.numeric, categorical=cohort.categorical)
+                              numeric=numeric, categorical=cohort.categorical)
     by_split.to_csv(folder / "baseline_by_split.csv", index=False)
     by_label.to_csv(folder / "baseline_by_status.csv", index=False)
     counts = pd.crosstab(splits, y.map({0: "negative", 1: "positive"}))

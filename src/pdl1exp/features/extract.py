@@ -24,6 +24,8 @@ from pdl1exp.hashing import content_key
 from pdl1exp.imaging.preprocess import build_transforms
 
 __all__ = [
+    "DEEP_PREFIX",
+    "ROI_DESCRIPTORS",
     "Extraction",
     "extract_features",
     "extractor_code_version",
@@ -32,6 +34,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+DEEP_PREFIX = "dl_"
+ROI_DESCRIPTORS = ("roi_volume_ml", "roi_max_diameter_mm")
 
 # Source files whose change must invalidate cached features.
 _CODE = ("features/extract.py", "features/extractor.py", "features/backbones.py",
@@ -44,7 +49,8 @@ class Extraction:
     """Result of the deep-feature stage.
 
     Args:
-        table: one row per patient (index patient_id), columns ``dl_0000``...
+        table: one row per patient (index patient_id), columns ``dl_0000``... and the ROI
+            descriptors ``roi_volume_ml``, ``roi_max_diameter_mm``.
         cache_hit: True when no forward pass ran.
         key: the feature-cache key.
         weights_tag: what was really loaded (``imagenet:``/``file:``/``random:``), with
@@ -111,7 +117,7 @@ def _items(rois: pd.DataFrame) -> list[dict[str, Any]]:
 
 def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictConfig,
                      backbone: DictConfig, seed: int, cache_dir: str | Path,
-                     devices: str | int = "auto",
+                     devices: str | int | None = None,
                      train_labels: pd.Series | None = None) -> Extraction:
     """Embed every patient's ROI, or read the embeddings from the cache.
 
@@ -126,7 +132,7 @@ def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
         backbone: the ``backbone`` config.
         seed: seed of random weights.
         cache_dir: the feature cache folder.
-        devices: Lightning devices.
+        devices: Lightning devices; None takes ``backbone.devices``.
         train_labels: 0/1 labels of the training patients (index patient_id); required
             when fine-tuning.
     """
@@ -164,7 +170,9 @@ def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
     data = ROIDataModule(_items(rois), transform, batch_size=backbone.batch_size,
                          num_workers=backbone.num_workers)
     throughput = Throughput()
-    trainer = pl.Trainer(accelerator="auto", devices=devices, precision=precision,
+    trainer = pl.Trainer(accelerator="auto",
+                         devices=backbone.devices if devices is None else devices,
+                         precision=precision,
                          logger=False, enable_checkpointing=False, enable_model_summary=False,
                          callbacks=[throughput], inference_mode=True)
     log.info("Extracting %s features (%s, %s) for %d patients", backbone.name, tag, precision,
@@ -173,7 +181,9 @@ def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
     ids = [pid for batch in batches for pid in batch["patient_id"]]
     features = torch.cat([batch["features"] for batch in batches]).numpy()
     table = pd.DataFrame(features, index=pd.Index(ids, name="patient_id"),
-                         columns=[f"dl_{i:04d}" for i in range(features.shape[1])])
+                         columns=[f"{DEEP_PREFIX}{i:04d}" for i in range(features.shape[1])])
+    # ROI descriptors ride along (useful covariates); models read the deep columns only.
+    table = table.join(rois[[c for c in ROI_DESCRIPTORS if c in rois.columns]])
     cache.put(key, table)
     log.info("Extracted %d patients at %.1f patients/s; cached as %s", len(table),
              throughput.patients_per_s, key)
