@@ -45,6 +45,18 @@ def test_screen_falls_back_to_the_best_variable_and_keeps_forced_columns() -> No
     assert SIGNATURE in noise_only.numeric_
 
 
+def test_backward_aic_drops_uninformative_variables() -> None:
+    X, y = _cohort(n=600)
+    screen = UnivariateScreen(numeric=["age", "noise"], categorical=["stage", "sex"],
+                              p_threshold=None, backward_aic=True).fit(X, y)
+    assert "age" in screen.numeric_
+    assert "stage" in screen.categorical_
+    assert "noise" not in screen.numeric_
+    aics = [aic for _, aic in screen.aic_path_]
+    assert aics == sorted(aics, reverse=True)  # every step lowered the AIC
+    assert len(screen.aic_path_[0][0]) == 4
+
+
 def test_pipeline_refits_the_screen_per_fit() -> None:
     X, y = _cohort()
     model = clinical_pipeline(CFG, numeric=["age", "noise"], categorical=["stage", "sex"])

@@ -24,6 +24,7 @@ NUMERIC, CATEGORICAL = ["age", "size_mm"], ["sex", "histology"]
 # Unpenalised logistic model, so the reference MLE below is the same fit.
 MLE_CFG = {
     "screening_p": None,
+    "backward_aic": False,
     "estimator": {"_target_": "sklearn.linear_model.LogisticRegression", "C": float("inf"),
                   "solver": "newton-cholesky", "tol": 1e-12, "max_iter": 200},
     "categorical_encoder": {"_target_": "sklearn.preprocessing.OneHotEncoder", "drop": "first",

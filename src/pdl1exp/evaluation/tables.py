@@ -17,6 +17,7 @@ from pdl1exp.evaluation.statistics import METRICS
 __all__ = [
     "METRIC_LABELS",
     "baseline_table",
+    "fit_logistic",
     "format_p",
     "logistic_terms",
     "metrics_numeric",
@@ -357,7 +358,7 @@ def odds_ratio_table(
     return pd.concat([head, wald], axis=1)
 
 
-def _fit_logistic(design: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+def fit_logistic(design: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
     """Unpenalised logistic MLE: coefficients (intercept first) and log-likelihood."""
     if design.shape[1] == 0:
         mean = y.mean()
@@ -418,8 +419,8 @@ def univariate_screen(
                          "odds_ratio": np.nan, "ci_lower": np.nan, "ci_upper": np.nan,
                          "p": np.nan, "selected": False})
             continue
-        beta, loglik = _fit_logistic(design, target)
-        _, null_loglik = _fit_logistic(np.empty((target.size, 0)), target)
+        beta, loglik = fit_logistic(design, target)
+        _, null_loglik = fit_logistic(np.empty((target.size, 0)), target)
         p = float(stats.chi2.sf(2 * (loglik - null_loglik), design.shape[1]))
         wald = _wald(design, beta, level).iloc[1:]
         for term, (_, w) in zip(terms, wald.iterrows(), strict=True):

@@ -14,9 +14,9 @@ from sklearn.compose import ColumnTransformer, make_column_selector
 from sklearn.impute import SimpleImputer
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from pdl1exp.evaluation.tables import univariate_screen
+from pdl1exp.evaluation.tables import fit_logistic, univariate_screen
 
 __all__ = ["SIGNATURE", "UnivariateScreen", "clinical_pipeline", "out_of_fold", "signature"]
 
@@ -36,14 +36,18 @@ class UnivariateScreen(TransformerMixin, BaseEstimator):
         categorical: candidate categorical columns.
         p_threshold: selection level; None keeps every candidate.
         keep: columns always kept, untested (the DLR signature of the combined model).
+        backward_aic: then drop, one at a time, the variable whose removal lowers the AIC
+            of the multivariable logistic model most, until no removal does.
     """
 
     def __init__(self, *, numeric: Sequence[str] = (), categorical: Sequence[str] = (),
-                 p_threshold: float | None = 0.05, keep: Sequence[str] = ()) -> None:
+                 p_threshold: float | None = 0.05, keep: Sequence[str] = (),
+                 backward_aic: bool = False) -> None:
         self.numeric = numeric
         self.categorical = categorical
         self.p_threshold = p_threshold
         self.keep = keep
+        self.backward_aic = backward_aic
 
     def fit(self, X: pd.DataFrame, y: np.ndarray) -> UnivariateScreen:
         numeric = [c for c in self.numeric if c not in self.keep]
@@ -60,9 +64,39 @@ class UnivariateScreen(TransformerMixin, BaseEstimator):
             chosen = set(p.index[p < self.p_threshold])
             if not chosen:
                 chosen, self.fallback_ = {p.idxmin()}, True
+        if self.backward_aic:
+            chosen = self._backward(X, np.asarray(y), chosen)
         self.numeric_ = [c for c in self.numeric if c in chosen or c in self.keep]
         self.categorical_ = [c for c in self.categorical if c in chosen or c in self.keep]
         return self
+
+    def _aic(self, X: pd.DataFrame, y: np.ndarray, variables: set[str]) -> float:
+        numeric = [c for c in self.numeric if c in variables or c in self.keep]
+        categorical = [c for c in self.categorical if c in variables or c in self.keep]
+        parts = []
+        if numeric:
+            filled = SimpleImputer(strategy="median").fit_transform(X[numeric])
+            parts.append(StandardScaler().fit_transform(filled))
+        if categorical:
+            filled = SimpleImputer(strategy="most_frequent").fit_transform(X[categorical])
+            parts.append(OneHotEncoder(drop="first", sparse_output=False).fit_transform(filled))
+        design = np.hstack(parts) if parts else np.empty((len(X), 0))
+        beta, loglik = fit_logistic(design, y)
+        return 2 * beta.size - 2 * loglik
+
+    def _backward(self, X: pd.DataFrame, y: np.ndarray, chosen: set[str]) -> set[str]:
+        """Backward elimination by AIC over the screened variables (``keep`` stays)."""
+        current = set(chosen)
+        aic = self._aic(X, y, current)
+        self.aic_path_ = [(sorted(current), aic)]
+        while len(current) > 1:
+            trials = {v: self._aic(X, y, current - {v}) for v in sorted(current)}
+            drop = min(trials, key=trials.get)
+            if trials[drop] >= aic:
+                break
+            current, aic = current - {drop}, trials[drop]
+            self.aic_path_.append((sorted(current), aic))
+        return current
 
     def transform(self, X: pd.DataFrame) -> pd.DataFrame:
         return X[self.numeric_ + self.categorical_]
@@ -94,7 +128,8 @@ def clinical_pipeline(cfg: Mapping[str, Any], *, numeric: Sequence[str],
          make_column_selector(dtype_exclude="number")),
     ], verbose_feature_names_out=False)
     screen = UnivariateScreen(numeric=list(numeric), categorical=list(categorical),
-                              p_threshold=cfg["screening_p"], keep=list(keep))
+                              p_threshold=cfg["screening_p"], keep=list(keep),
+                              backward_aic=cfg["backward_aic"])
     return Pipeline([("screen", screen), ("columns", columns),
                      ("classifier", instantiate(cfg["estimator"]))])
 
