@@ -188,3 +188,17 @@ def test_fixed_fov_keeps_physical_scale() -> None:
     huge = TumourROId(size=(32, 32), margin_mm=2.0, fov_mm=10.0)(dict(large))["image"][0]
     assert float(huge[0].max()) < 0.5
     assert float(huge[:, 0].max()) < 0.5
+
+
+def test_two_device_ddp_extraction_gathers_every_patient(compose_cfg, rois,
+                                                         tmp_path: Path) -> None:
+    """Spawned DDP on two CPU processes gives the single-device features, all patients."""
+    cfg = compose_cfg(*SMALL)
+    kwargs = {"preprocess": cfg.preprocess, "roi": cfg.roi, "backbone": cfg.backbone,
+              "seed": 0}
+    single = extract_features(rois, devices=1, cache_dir=tmp_path / "one", **kwargs).table
+    ddp = extract_features(rois, devices=2, cache_dir=tmp_path / "two", **kwargs)
+    assert not ddp.cache_hit
+    assert sorted(ddp.table.index) == sorted(rois.index)
+    np.testing.assert_allclose(ddp.table.loc[single.index].to_numpy(), single.to_numpy(),
+                               rtol=1e-5, atol=1e-5)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
@@ -17,7 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from pdl1exp.features.backbones import build_backbone
 from pdl1exp.features.cache import FeatureCache
-from pdl1exp.features.extractor import DeepFeatureExtractor, ROIDataModule, Throughput
+from pdl1exp.features.extractor import (
+    DeepFeatureExtractor,
+    PatientProgress,
+    RankWriter,
+    ROIDataModule,
+)
 from pdl1exp.features.finetune import finetune_backbone, finetune_spec, finetuned_tag, read_summary
 from pdl1exp.features.weights import input_normalisation, load_weights
 from pdl1exp.hashing import content_key
@@ -110,6 +118,34 @@ def feature_key(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictConfig,
     })
 
 
+def _predict_distributed(module: DeepFeatureExtractor, data: ROIDataModule, *,
+                         devices: int | str, precision: str,
+                         progress: PatientProgress) -> list[dict]:
+    """Predict on several devices (spawned DDP); every rank's share is gathered from disk.
+
+    Lightning returns only the local rank's predictions under DDP, so each rank writes its
+    batches and the calling process merges them.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        writer = RankWriter(folder)
+        trainer = pl.Trainer(accelerator="auto", devices=devices, strategy="ddp_spawn",
+                             precision=precision, logger=False, enable_checkpointing=False,
+                             enable_model_summary=False, enable_progress_bar=False,
+                             callbacks=[writer, progress], inference_mode=True)
+        trainer.predict(module, datamodule=data, return_predictions=False)
+        return [batch for path in sorted(Path(folder).glob("rank*.pt"))
+                for batch in torch.load(path, weights_only=False)]
+
+
+def _merge(batches: list[dict]) -> tuple[list[str], np.ndarray]:
+    """Patient ids and embeddings in first-seen order (DDP pads ranks with repeats)."""
+    seen: dict[str, np.ndarray] = {}
+    for batch in batches:
+        for pid, row in zip(batch["patient_id"], batch["features"].numpy(), strict=True):
+            seen.setdefault(pid, row)
+    return list(seen), np.stack(list(seen.values()))
+
+
 def _items(rois: pd.DataFrame) -> list[dict[str, Any]]:
     return [{"patient_id": pid, "image": row["image"], "mask": row["mask"]}
             for pid, row in rois.iterrows()]
@@ -169,22 +205,27 @@ def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
                                   channels_last=backbone.channels_last, tta_views=tta_views)
     data = ROIDataModule(_items(rois), transform, batch_size=backbone.batch_size,
                          num_workers=backbone.num_workers)
-    throughput = Throughput()
-    trainer = pl.Trainer(accelerator="auto",
-                         devices=backbone.devices if devices is None else devices,
-                         precision=precision,
-                         logger=False, enable_checkpointing=False, enable_model_summary=False,
-                         callbacks=[throughput], inference_mode=True)
+    n_devices = backbone.devices if devices is None else devices
     log.info("Extracting %s features (%s, %s) for %d patients", backbone.name, tag, precision,
              len(rois))
-    batches = trainer.predict(module, datamodule=data)
-    ids = [pid for batch in batches for pid in batch["patient_id"]]
-    features = torch.cat([batch["features"] for batch in batches]).numpy()
+    progress = PatientProgress(len(rois))
+    start = time.perf_counter()
+    if n_devices in (1, "1"):
+        trainer = pl.Trainer(accelerator="auto", devices=1, precision=precision, logger=False,
+                             enable_checkpointing=False, enable_model_summary=False,
+                             enable_progress_bar=False, callbacks=[progress],
+                             inference_mode=True)
+        batches = trainer.predict(module, datamodule=data)
+    else:
+        batches = _predict_distributed(module, data, devices=n_devices, precision=precision,
+                                       progress=progress)
+    patients_per_s = len(rois) / (time.perf_counter() - start)
+    ids, features = _merge(batches)
     table = pd.DataFrame(features, index=pd.Index(ids, name="patient_id"),
                          columns=[f"{DEEP_PREFIX}{i:04d}" for i in range(features.shape[1])])
     # ROI descriptors ride along (useful covariates); models read the deep columns only.
     table = table.join(rois[[c for c in ROI_DESCRIPTORS if c in rois.columns]])
     cache.put(key, table)
     log.info("Extracted %d patients at %.1f patients/s; cached as %s", len(table),
-             throughput.patients_per_s, key)
-    return Extraction(table, False, key, tag, precision, throughput.patients_per_s, tuned)
+             patients_per_s, key)
+    return Extraction(table, False, key, tag, precision, patients_per_s, tuned)

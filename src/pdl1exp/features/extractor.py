@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from monai.data import Dataset
+from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-__all__ = ["DeepFeatureExtractor", "ROIDataModule", "Throughput"]
+__all__ = ["DeepFeatureExtractor", "PatientProgress", "ROIDataModule", "RankWriter"]
 
 
 class ROIDataModule(pl.LightningDataModule):
@@ -90,24 +92,39 @@ class DeepFeatureExtractor(pl.LightningModule):
                 "features": self(batch["image"]).cpu()}
 
 
-class Throughput(pl.Callback):
-    """Measure patients per second of a predict loop (read ``patients_per_s`` afterwards)."""
+class RankWriter(BasePredictionWriter):
+    """Save each rank's predictions to ``<folder>/rank<k>.pt`` (DDP prediction).
 
-    def __init__(self) -> None:
-        self.patients = 0
-        self.seconds = 0.0
-        self._start = 0.0
+    Args:
+        folder: where the ranks write.
+    """
 
-    @property
-    def patients_per_s(self) -> float:
-        return self.patients / self.seconds if self.seconds else 0.0
+    def __init__(self, folder: str | Path) -> None:
+        super().__init__(write_interval="epoch")
+        self.folder = Path(folder)
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        torch.save(predictions, self.folder / f"rank{trainer.global_rank}.pt")
+
+
+class PatientProgress(pl.Callback):
+    """A progress bar counted in patients, so its rate reads patients per second.
+
+    Args:
+        total: patients to embed.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._bar: tqdm | None = None
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
+        self._bar = tqdm(total=self.total, unit="patient", desc="Deep features",
+                         disable=trainer.global_rank != 0)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                              dataloader_idx: int = 0) -> None:
-        self.patients += len(outputs["patient_id"])
+        self._bar.update(len(outputs["patient_id"]))
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.seconds = time.perf_counter() - self._start
+        self._bar.close()
