@@ -17,6 +17,7 @@ from pdl1exp.evaluation import (
     METRICS,
     binary_metrics,
     bootstrap_ci,
+    bootstrap_cis,
     delong_ci,
     flatten_metrics,
     metrics_with_ci,
@@ -86,3 +87,13 @@ def test_flatten_metrics_names(sample: tuple[np.ndarray, np.ndarray]) -> None:
     assert flat["external_siteA_auc_ci_upper"] == table["auc"][2]
     plain = flatten_metrics("test", binary_metrics(y, prob, THRESHOLD))
     assert set(plain) == {f"test_{m}" for m in METRICS}
+
+
+def test_shared_draw_equals_one_metric_at_a_time() -> None:
+    rng = np.random.default_rng(5)
+    y = (rng.random(120) < 0.4).astype(int)
+    prob = np.clip(0.3 * y + rng.random(120) * 0.7, 0, 1)
+    shared = bootstrap_cis(y, prob, METRICS, n_boot=300, seed=9, threshold=0.5)
+    alone = [bootstrap_ci(y, prob, m, n_boot=300, seed=9, threshold=0.5) for m in METRICS]
+    assert shared == alone
+    assert [s.n_undefined for s in shared] == [a.n_undefined for a in alone]

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from numpy.typing import ArrayLike
 
-from pdl1exp.evaluation.statistics import METRICS, bootstrap_ci, delong_ci, metric_value
+from pdl1exp.evaluation.statistics import METRICS, bootstrap_cis, delong_ci, metric_value
 
 __all__ = ["METRICS", "binary_metrics", "flatten_metrics", "metrics_with_ci"]
 
@@ -37,12 +37,9 @@ def metrics_with_ci(
         level: confidence level.
         seed: bootstrap seed.
     """
-    table: dict[str, tuple[float, float, float]] = {
-        m: bootstrap_ci(
-            y_true, y_prob, m, n_boot=n_boot, level=level, seed=seed, threshold=threshold
-        )
-        for m in METRICS
-    }
+    intervals = bootstrap_cis(y_true, y_prob, METRICS, n_boot=n_boot, level=level, seed=seed,
+                              threshold=threshold)
+    table: dict[str, tuple[float, float, float]] = dict(zip(METRICS, intervals, strict=True))
     table["auc_delong"] = delong_ci(y_true, y_prob, level=level)
     return table
 

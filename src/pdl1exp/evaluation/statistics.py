@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,7 @@ __all__ = [
     "METRICS",
     "BootstrapCI",
     "bootstrap_ci",
+    "bootstrap_cis",
     "delong_ci",
     "delong_test",
     "hosmer_lemeshow",
@@ -269,13 +270,52 @@ def bootstrap_ci(
         threshold: cut-off for the threshold metrics (positive when score >= threshold);
             ignored by ``auc`` and ``brier``.
     """
-    _check_metric(metric, threshold)
+    return bootstrap_cis(y_true, y_score, [metric], n_boot=n_boot, level=level, seed=seed,
+                         stratified=stratified, threshold=threshold)[0]
+
+
+def bootstrap_cis(
+    y_true: ArrayLike,
+    y_score: ArrayLike,
+    metrics: Sequence[str | MetricFn],
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+    stratified: bool = True,
+    threshold: float | None = None,
+) -> list[BootstrapCI]:
+    """:func:`bootstrap_ci` of several metrics on the same resamples (one index matrix).
+
+    Each result equals ``bootstrap_ci`` of that metric with the same seed; drawing the
+    resamples once is what makes a full metrics table cheap.
+
+    Args:
+        y_true: 0/1 labels.
+        y_score: scores (probabilities when ``brier`` is among the metrics).
+        metrics: names from :data:`METRICS` or callables.
+        n_boot: number of resamples.
+        level: confidence level of the two-sided interval.
+        seed: seed of the resampling generator.
+        stratified: resample positives and negatives separately.
+        threshold: cut-off of the threshold metrics.
+    """
+    for metric in metrics:
+        _check_metric(metric, threshold)
     level = _check_level(level)
     if n_boot < 1:
         msg = f"n_boot must be >= 1, got {n_boot}"
         raise ValueError(msg)
-    y, (s,) = _validate(y_true, y_score, names=("y_score",), probability=metric == "brier")
+    y, (s,) = _validate(y_true, y_score, names=("y_score",), probability="brier" in metrics)
     idx = _resample_indices(y, n_boot, np.random.default_rng(seed), stratified=stratified)
+    return [_percentile_interval(metric, y, s, idx, threshold, level) for metric in metrics]
+
+
+def _percentile_interval(metric: str | MetricFn, y: NDArray[np.bool_], s: FloatArray,
+                         idx: NDArray[np.intp], threshold: float | None,
+                         level: float) -> BootstrapCI:
+    """Estimate and percentile interval of one metric over the resamples ``idx``."""
+    n_boot = idx.shape[0]
     if callable(metric):
         name = getattr(metric, "__name__", repr(metric))
         labels = y.astype(int)
