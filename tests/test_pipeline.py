@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 
 from pdl1exp.data.manifest import CohortError
@@ -101,3 +103,27 @@ def test_nested_protocol_logs_the_outer_estimate(compose_cfg, tmp_path: Path) ->
     assert {f"nested_auc_fold{k}" for k in range(3)} <= set(metrics)
     artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
     assert "nested_cv.csv" in artifacts
+
+
+def test_external_patients_are_reported_per_center(compose_cfg, tmp_path: Path) -> None:
+    smoke = compose_cfg("+experiment=smoke", *tiny_overrides(tmp_path))
+    manifest = pd.read_csv(instantiate(smoke.dataset.generator).write(),
+                           dtype={"patient_id": str})
+    positive = manifest["pdl1_tps"] >= 1
+    rank = manifest.groupby(positive).cumcount()
+    manifest["split"] = np.where(rank < 4, "external", np.where(rank < 8, "test", "train"))
+    manifest["center"] = np.where(manifest["split"] == "external", "B", "A")
+    root = Path(smoke.dataset.generator.cache_dir)
+    path = next(root.iterdir()) / "with_external.csv"
+    manifest.to_csv(path, index=False)
+    cfg = compose_cfg("+experiment=clinical", "dataset=manifest", f"dataset.path={path}",
+                      "dataset.clinical.numeric=[age,pack_years,cea]",
+                      "dataset.clinical.categorical=[sex,smoking,histology,stage]",
+                      *tiny_overrides(tmp_path))
+    run(cfg)
+    (parent,) = [r for r in _runs(tmp_path, "clinical")
+                 if "mlflow.parentRunId" not in r.data.tags]
+    metrics = parent.data.metrics
+    assert metrics["n_external"] == 8
+    assert "external_B_auc" in metrics
+    assert metrics["external_B_auc_ci_lower"] <= metrics["external_B_auc"]
