@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from sklearn.base import clone
 
 from pdl1exp.data.images import read_image
-from pdl1exp.data.manifest import Cohort, CohortError, Problem, load_cohort
+from pdl1exp.data.manifest import Cohort, CohortError, Problem, load_cohort, problems_table
 from pdl1exp.data.splits import assign_splits
 from pdl1exp.evaluation import (
     delong_ci,
@@ -388,7 +388,7 @@ def run(cfg: DictConfig) -> float:
         rois, roi_problems = roi_stage(cfg, cohort)
         problems = cohort.problems + roi_problems
         if problems:
-            log_frame(pd.DataFrame([vars(p) for p in problems]), "excluded_patients.csv")
+            log_frame(problems_table(problems), "excluded_patients.csv")
         _log_qc(cfg, rois)
         table = cohort.table.loc[rois.index].join(rois[list(ROI_DESCRIPTORS)])
         y = table["label"]

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import DataType
 from omegaconf import DictConfig, OmegaConf
 
-from pdl1exp.data.manifest import CohortError, Problem
+from pdl1exp.data.manifest import CohortError, Problem, problems_table
 from pdl1exp.evaluation import delong_ci
 from pdl1exp.features.extract import extract_features, extractor_code_version
 from pdl1exp.pipeline import cohort_stage, roi_stage
@@ -126,7 +126,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     rows.to_csv(output, index=False)
     if problems:
         excluded = output.with_name(f"{output.stem}.excluded.csv")
-        pd.DataFrame([vars(p) for p in problems]).to_csv(excluded, index=False)
+        problems_table(problems).to_csv(excluded, index=False)
         log.warning("%d patient(s) not scored (dataset.on_error=skip), listed in %s",
                     len({p.patient_id for p in problems}), excluded)
     print(f"Scored {len(rows)} patient(s) with {cfg.model_uri} (version {version or '-'}); "

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from pdl1exp.data.images import ImageReadError, geometry_mismatch, read_image
 from pdl1exp.hashing import file_digest
 
-__all__ = ["Cohort", "CohortError", "Problem", "load_cohort", "parse_seed"]
+__all__ = ["Cohort", "CohortError", "Problem", "load_cohort", "parse_seed", "problems_table"]
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,14 @@ class Cohort:
             paths (mask may be None), ``seed`` as an (x, y, z) tuple or None, integer ``label``,
             ``split`` (None when absent), ``center``, the clinical columns, and the content
             digests ``image_sha``/``mask_sha``.
-        excluded: problems of the excluded patients (columns patient_id, column, reason).
         numeric: clinical numeric column names.
         categorical: clinical categorical column names.
         source: the manifest file.
         data_hash: hash of labels, clinical values, splits, seeds and file contents.
+        problems: why each excluded patient was left out (``on_error=skip``).
     """
 
     table: pd.DataFrame
-    excluded: pd.DataFrame
     numeric: list[str]
     categorical: list[str]
     source: Path
@@ -83,6 +82,16 @@ class Cohort:
     @property
     def clinical(self) -> list[str]:
         return [*self.numeric, *self.categorical]
+
+    @property
+    def excluded(self) -> pd.DataFrame:
+        """The problems as a table (patient_id, column, reason)."""
+        return problems_table(self.problems)
+
+
+def problems_table(problems: Sequence[Problem]) -> pd.DataFrame:
+    """Problems as rows of patient_id, column, reason (``excluded_patients.csv``)."""
+    return pd.DataFrame([vars(p) for p in problems], columns=_PROBLEM_COLUMNS)
 
 
 def parse_seed(value: str) -> tuple[float, float, float]:
@@ -295,7 +304,6 @@ def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
     if problems and on_error == "raise":
         raise CohortError(source, problems)
     bad = {p.patient_id for p in problems}
-    excluded = pd.DataFrame([vars(p) for p in problems], columns=_PROBLEM_COLUMNS)
     if bad:
         log.warning("Excluding %d patient(s) with problems (on_error=skip):\n%s", len(bad),
                     "\n".join(f"  - {p}" for p in problems))
@@ -307,7 +315,7 @@ def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
     if require_label and frame["label"].nunique() < 2:
         msg = f"{source}: every usable patient has label {frame['label'].iloc[0]}; need both"
         raise ValueError(msg)
-    return Cohort(table=frame, excluded=excluded, numeric=list(numeric),
+    return Cohort(table=frame, numeric=list(numeric),
                   categorical=list(categorical), source=source,
                   data_hash=_data_hash(frame, [*numeric, *categorical]), problems=problems)
 
