@@ -17,8 +17,8 @@ from pdl1exp.features import extract as extract_module
 from pdl1exp.features.cache import FeatureCache
 from pdl1exp.features.extract import extract_features, feature_key
 from pdl1exp.features.extractor import DeepFeatureExtractor
+from pdl1exp.imaging.crop import TumourROId
 from pdl1exp.imaging.preprocess import build_transforms
-from pdl1exp.imaging.roi import TumourROId
 
 SMALL = ["backbone=resnet18_2d", "backbone.input_size=[32,32]", "backbone.precision=32-true",
          "backbone.batch_size=4"]

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from pdl1exp.data.images import geometry_mismatch, read_image
 from pdl1exp.data.manifest import load_cohort
-from pdl1exp.pipeline import roi_stage
+from pdl1exp.imaging.rois import roi_stage
 from pdl1exp.segment import segment_cohort
 from tests.conftest import CONF
 

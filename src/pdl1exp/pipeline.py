@@ -16,12 +16,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from sklearn.base import clone
 
 from pdl1exp.data.images import read_image
-from pdl1exp.data.manifest import Cohort, CohortError, Problem, load_cohort, problems_table
+from pdl1exp.data.load import cohort_stage
+from pdl1exp.data.manifest import Cohort, problems_table
 from pdl1exp.data.splits import assign_splits
 from pdl1exp.evaluation import (
     delong_ci,
@@ -39,7 +39,7 @@ from pdl1exp.features.extract import (
 )
 from pdl1exp.hashing import content_key
 from pdl1exp.imaging.qc import qc_figure
-from pdl1exp.imaging.rois import prepare_rois
+from pdl1exp.imaging.rois import roi_stage
 from pdl1exp.models.clinical import SIGNATURE, clinical_pipeline, out_of_fold, signature
 from pdl1exp.models.selected import SelectedModel
 from pdl1exp.models.tuning import TuningResult, nested_cv_auc, sweep
@@ -56,7 +56,7 @@ from pdl1exp.tracking import (
     tracked_run,
 )
 
-__all__ = ["ModelResult", "cohort_stage", "roi_stage", "run"]
+__all__ = ["ModelResult", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -93,33 +93,6 @@ class ModelResult:
     @property
     def name(self) -> str:
         return f"{self.feature_set}/{self.classifier}"
-
-
-def cohort_stage(cfg: DictConfig, *, require_label: bool = True) -> Cohort:
-    """Write the synthetic cohort when configured, then load and validate the manifest.
-
-    ``require_label=False`` for scoring new patients (absent labels become -1).
-    """
-    ds = cfg.dataset
-    path = instantiate(ds.generator).write() if ds.generator else ds.path
-    return load_cohort(path, tps_cutoff=ds.tps_cutoff, numeric=list(ds.clinical.numeric),
-                       categorical=list(ds.clinical.categorical), on_error=ds.on_error,
-                       air_hu=ds.validation.air_hu,
-                       geometry_tolerance_mm=ds.validation.geometry_tolerance_mm,
-                       n_jobs=ds.validation.n_jobs, require_label=require_label)
-
-
-def roi_stage(cfg: DictConfig, cohort: Cohort) -> tuple[pd.DataFrame, list[Problem]]:
-    """Masks for every patient (seeded segmentation where only a seed is given)."""
-    seg = cfg.segmentation
-    segmenter = instantiate(seg.segmenter) if seg.method == "seeded" else None
-    params = OmegaConf.to_container(seg, resolve=True)
-    rois, problems = prepare_rois(cohort.table, segmenter=segmenter, segmentation_params=params,
-                                  mask_dir=Path(cfg.paths.cache_dir) / "masks",
-                                  n_jobs=cfg.dataset.validation.n_jobs)
-    if problems and cfg.dataset.on_error == "raise":
-        raise CohortError(cohort.source, problems)
-    return rois, problems
 
 
 def _log_qc(cfg: DictConfig, rois: pd.DataFrame) -> None:

@@ -21,10 +21,11 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import DataType
 from omegaconf import DictConfig, OmegaConf
 
+from pdl1exp.data.load import cohort_stage
 from pdl1exp.data.manifest import CohortError, Problem, problems_table
 from pdl1exp.evaluation import delong_ci
 from pdl1exp.features.extract import extract_features, extractor_code_version
-from pdl1exp.pipeline import cohort_stage, roi_stage
+from pdl1exp.imaging.rois import roi_stage
 
 __all__ = ["ExtractorMismatchError", "main", "predict"]
 

@@ -49,7 +49,7 @@ ROI_DESCRIPTORS = ("roi_volume_ml", "roi_max_diameter_mm")
 # Source files whose change must invalidate cached features.
 _CODE = ("features/extract.py", "features/extractor.py", "features/backbones.py",
          "features/weights.py", "features/finetune.py", "imaging/preprocess.py",
-         "imaging/reader.py", "imaging/roi.py", "data/images.py")
+         "imaging/reader.py", "imaging/crop.py", "data/images.py")
 
 
 @dataclass(frozen=True)

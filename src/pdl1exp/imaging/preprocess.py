@@ -14,8 +14,8 @@ from monai.transforms import (
     Spacingd,
 )
 
+from pdl1exp.imaging.crop import TumourROId
 from pdl1exp.imaging.reader import SimpleITKReader
-from pdl1exp.imaging.roi import TumourROId
 
 __all__ = ["build_transforms"]
 

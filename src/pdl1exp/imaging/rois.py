@@ -11,14 +11,16 @@ from typing import Any
 
 import pandas as pd
 import SimpleITK as sitk
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from pdl1exp.data.images import read_image
-from pdl1exp.data.manifest import Problem
+from pdl1exp.data.manifest import Cohort, CohortError, Problem
 from pdl1exp.hashing import content_key
 from pdl1exp.imaging.measurements import roi_measurements
 from pdl1exp.imaging.segmentation import SegmentationError
 
-__all__ = ["prepare_rois"]
+__all__ = ["prepare_rois", "roi_stage"]
 
 log = logging.getLogger(__name__)
 
@@ -92,3 +94,16 @@ def prepare_rois(table: pd.DataFrame, *, segmenter: Segmenter | None,
              len(rows) - n_seeded, n_seeded, len(problems))
     frame = pd.DataFrame(rows).set_index("patient_id") if rows else pd.DataFrame()
     return frame, problems
+
+
+def roi_stage(cfg: DictConfig, cohort: Cohort) -> tuple[pd.DataFrame, list[Problem]]:
+    """Masks for every patient (seeded segmentation where only a seed is given)."""
+    seg = cfg.segmentation
+    segmenter = instantiate(seg.segmenter) if seg.method == "seeded" else None
+    params = OmegaConf.to_container(seg, resolve=True)
+    rois, problems = prepare_rois(cohort.table, segmenter=segmenter, segmentation_params=params,
+                                  mask_dir=Path(cfg.paths.cache_dir) / "masks",
+                                  n_jobs=cfg.dataset.validation.n_jobs)
+    if problems and cfg.dataset.on_error == "raise":
+        raise CohortError(cohort.source, problems)
+    return rois, problems

@@ -16,7 +16,7 @@ from pdl1exp.models.tuning import prepare_folds, select_best, tune_classifier
 
 __all__ = ["run"]
 
-_CONF = Path(__file__).resolve().parents[2] / "conf"
+_CONF = Path(__file__).resolve().parents[3] / "conf"
 
 
 def _synthetic(

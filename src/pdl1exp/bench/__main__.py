@@ -14,14 +14,17 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 
-from pdl1exp import bench_backbone, bench_statistics, bench_sweep
+from pdl1exp.bench import backbone as bench_backbone
+from pdl1exp.bench import statistics as bench_statistics
+from pdl1exp.bench import sweep as bench_sweep
+from pdl1exp.data.load import cohort_stage
 from pdl1exp.features.extract import extract_features
-from pdl1exp.pipeline import cohort_stage, roi_stage
+from pdl1exp.imaging.rois import roi_stage
 
 __all__ = ["extraction", "main"]
 
 log = logging.getLogger(__name__)
-_ROOT = Path(__file__).resolve().parents[2]
+_ROOT = Path(__file__).resolve().parents[3]
 _TARGETS = {
     "backbone": "≥ 35 ROIs/s bf16 (≥ 14 fp32), ≥ 70 % of the measured matmul peak",
     "extraction": "352-patient cohort: cache hit < 2 s",
