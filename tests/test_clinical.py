@@ -79,8 +79,8 @@ def test_selected_model_chains_dlr_into_the_combined_model() -> None:
     combined_X = X.assign(**{SIGNATURE: signature(dlr.predict_proba(deep)[:, 1])})
     clinical = clinical_pipeline(CFG, numeric=["age", "noise", SIGNATURE],
                                  categorical=["stage", "sex"], keep=[SIGNATURE]).fit(combined_X, y)
-    model = SelectedModel(feature_set="combined", dlr=dlr, clinical=clinical, threshold=0.4,
-                          deep_features=["dl_0000"],
+    model = SelectedModel(feature_set="combined", image={"dlr": dlr}, clinical=clinical,
+                          threshold=0.4, image_features={"dlr": ["dl_0000"]},
                           clinical_features=["age", "noise", "stage", "sex"]).fit(None)
     inputs = pd.concat([deep, X], axis=1)
     np.testing.assert_allclose(model.predict_proba(inputs)[:, 1],

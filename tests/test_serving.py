@@ -49,8 +49,9 @@ def tiny_model(table: pd.DataFrame, y: np.ndarray) -> SelectedModel:
                                  numeric=["age", SIGNATURE], categorical=["sex"])
     clinical.fit(table[["age", "sex"]].assign(
         **{SIGNATURE: signature(dlr.predict_proba(table[DEEP])[:, 1])}), y)
-    return SelectedModel(feature_set="combined", dlr=dlr, clinical=clinical, threshold=0.5,
-                         deep_features=DEEP, clinical_features=["age", "sex"]).fit(None)
+    return SelectedModel(feature_set="combined", image={"dlr": dlr}, clinical=clinical,
+                         threshold=0.5, image_features={"dlr": DEEP},
+                         clinical_features=["age", "sex"]).fit(None)
 
 
 def log_version(root: Path, name: str, *, labels: np.ndarray, probability: np.ndarray,

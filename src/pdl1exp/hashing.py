@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["content_key", "file_digest"]
+import pandas as pd
+
+__all__ = ["content_key", "file_digest", "frame_digest"]
 
 _CHUNK = 1 << 20
 
@@ -30,3 +32,10 @@ def file_digest(path: str | Path) -> str:
             while chunk := stream.read(_CHUNK):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def frame_digest(frame: pd.DataFrame) -> str:
+    """SHA-256 (first 16 hex) of a table's values, index and column names."""
+    digest = hashlib.sha256(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes())
+    digest.update(json.dumps([str(c) for c in frame.columns]).encode())
+    return digest.hexdigest()[:16]

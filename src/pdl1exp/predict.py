@@ -108,7 +108,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     model = mlflow.pyfunc.load_model(uri)
     wrapper = model.unwrap_python_model()
     selected, extractor = wrapper.model, wrapper.extractor
-    deep = set(selected.deep_features) if selected.feature_set != "clinical" else set()
+    deep = {c for columns in (selected.image_features or {}).values() for c in columns}
     schema = model.metadata.get_input_schema()
     kinds = {c.name: c.type for c in schema.inputs if c.name not in deep}
     numeric = [c for c, kind in kinds.items() if kind == DataType.double]

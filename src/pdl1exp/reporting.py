@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from pdl1exp.data.manifest import Cohort
 from pdl1exp.evaluation.figures import (
     calibration_figure,
     decision_curve_figure,
@@ -23,12 +24,8 @@ from pdl1exp.evaluation.figures import (
 from pdl1exp.evaluation.report import ReportSection, write_report
 from pdl1exp.evaluation.tables import baseline_table, metrics_table, odds_ratio_table
 from pdl1exp.features.extract import ROI_DESCRIPTORS
-from pdl1exp.models.clinical import SIGNATURE, signature
 from pdl1exp.models.nomogram import build_nomogram
-
-if TYPE_CHECKING:
-    from pdl1exp.data.manifest import Cohort
-    from pdl1exp.pipeline import Fitted, ModelResult
+from pdl1exp.models.results import Fitted, ModelResult
 
 __all__ = ["write_outputs"]
 
@@ -41,29 +38,40 @@ def _curves(models: list[ModelResult], y: pd.Series, split: str) -> dict[str, tu
             and y.loc[m.proba[split].index].nunique() == 2}
 
 
-def _split_figures(cfg: DictConfig, models: list[ModelResult], best: ModelResult,
-                   y: pd.Series, folder: Path) -> list[Path]:
-    """ROC, calibration and decision curves of every model on each held-out split."""
+def _split_figures(cfg: DictConfig, models: list[ModelResult], primary: ModelResult,
+                   y: pd.Series, folder: Path, *, suffix: str = "") -> list[Path]:
+    """ROC, calibration and decision curves of ``models`` on each held-out split."""
     ev = cfg.evaluation
     thresholds = np.arange(ev.dca.start, ev.dca.stop, ev.dca.step)
     paths = []
+    prefix = "Exploratory: " if suffix else ""
     splits = sorted({s for m in models for s in m.proba if s not in ("train", "cv")})
     for split in splits:
         curves = _curves(models, y, split)
         if not curves:
             continue
         label = f"{split} (n = {len(next(iter(curves.values()))[0])})"
-        paths.append(roc_figure(curves, folder / f"roc_{split}.png", title=f"ROC, {label}",
-                                band_for=best.name if best.name in curves else None,
+        name = f"{split}{suffix}"
+        paths.append(roc_figure(curves, folder / f"roc_{name}.png",
+                                title=f"{prefix}ROC, {label}",
+                                band_for=primary.name if primary.name in curves else None,
                                 n_boot=ev.n_boot, level=ev.level, seed=cfg.seed, dpi=ev.dpi))
-        paths.append(calibration_figure(curves, folder / f"calibration_{split}.png",
+        paths.append(calibration_figure(curves, folder / f"calibration_{name}.png",
                                         groups=ev.calibration_groups,
-                                        title=f"Calibration, {label}", dpi=ev.dpi))
-        paths.append(decision_curve_figure(curves, folder / f"dca_{split}.png",
+                                        title=f"{prefix}Calibration, {label}", dpi=ev.dpi))
+        paths.append(decision_curve_figure(curves, folder / f"dca_{name}.png",
                                            thresholds=thresholds,
-                                           title=f"Decision curves, {label}", dpi=ev.dpi))
-        decision_curves(curves, thresholds).to_csv(folder / f"dca_{split}.csv", index=False)
+                                           title=f"{prefix}Decision curves, {label}",
+                                           dpi=ev.dpi))
+        decision_curves(curves, thresholds).to_csv(folder / f"dca_{name}.csv", index=False)
     return paths
+
+
+def _reported(fitted: Fitted) -> list[ModelResult]:
+    """The paper's figure: clinical, each chosen image model and combined."""
+    chosen = set(map(id, fitted.chosen.values()))
+    return [m for m in fitted.models
+            if m.feature_set in ("clinical", "combined") or id(m) in chosen]
 
 
 def _lasso_step(model: Any) -> Any | None:
@@ -71,23 +79,23 @@ def _lasso_step(model: Any) -> Any | None:
                  if hasattr(step, "coef_path_")), None)
 
 
-def _model_figures(cfg: DictConfig, fitted: Fitted, best: ModelResult, table: pd.DataFrame,
+def _model_figures(cfg: DictConfig, fitted: Fitted, primary: ModelResult, table: pd.DataFrame,
                    splits: pd.Series, folder: Path) -> list[Path]:
     """LASSO path, nomogram and odds ratios (combined/clinical), feature importance."""
     ev, paths = cfg.evaluation, []
-    lasso = _lasso_step(fitted.best_dlr.model) if fitted.best_dlr else None
+    image = fitted.chosen.get(primary.feature_set) or next(iter(fitted.chosen.values()), None)
+    lasso = _lasso_step(image.model) if image else None
     if lasso is not None:
         paths.append(lasso_path_figure(
             lambdas=lasso.lambdas_, coef_path=lasso.coef_path_, chosen_lambda=lasso.lambda_,
             cv_curve=lasso.cv_curve_, feature_names=lasso.feature_names_in_,
             path=folder / "lasso_path.png", max_labels=ev.lasso_max_labels, dpi=ev.dpi))
     train = splits.index[splits == "train"]
-    logistic = {m.feature_set: m for m in fitted.models if m.feature_set != "dlr"}
+    logistic = {m.feature_set: m for m in fitted.models
+                if m.feature_set in ("clinical", "combined")}
     nomogram_model = logistic.get("combined") or logistic.get("clinical")
     for name, model in logistic.items():
-        X = table.loc[train]
-        if name == "combined":
-            X = X.assign(**{SIGNATURE: _signature_train(fitted, train)})
+        X = (fitted.combined_table if name == "combined" else table).loc[train]
         screen = model.model.named_steps["screen"]
         columns = {"numeric": screen.numeric_, "categorical": screen.categorical_}
         odds = odds_ratio_table(model.model, X, level=ev.level, **columns)
@@ -97,32 +105,28 @@ def _model_figures(cfg: DictConfig, fitted: Fitted, best: ModelResult, table: pd
             nomogram = build_nomogram(model.model, X, n_ticks=ev.nomogram.n_ticks,
                                       points_max=ev.nomogram.points_max, **columns)
             paths.append(nomogram_figure(nomogram, folder / "nomogram.png", dpi=ev.dpi))
-        if model is best:
+        if model is primary:
             importance = odds.set_index("term")["coef"].drop("(Intercept)", errors="ignore")
             paths.append(importance_figure(importance, folder / "importance.png",
-                                           title=f"{best.name}: coefficients (per SD)",
+                                           title=f"{primary.name}: coefficients (per SD)",
                                            top=ev.importance_top, dpi=ev.dpi))
-    if best.feature_set == "dlr" and lasso is not None:
+    if primary.feature_set in fitted.chosen and lasso is not None:
         importance = pd.Series(lasso.coef_, index=lasso.selected_features_)
         paths.append(importance_figure(importance, folder / "importance.png",
-                                       title=f"{best.name}: LASSO coefficients",
+                                       title=f"{primary.name}: LASSO coefficients",
                                        top=ev.importance_top, dpi=ev.dpi))
     return paths
 
 
-def _signature_train(fitted: Fitted, train: pd.Index) -> np.ndarray:
-    """The combined model's training input: the cross-fitted DLR signature."""
-    return signature(fitted.best_dlr.proba["cv"].loc[train].to_numpy())
-
-
 def write_outputs(cfg: DictConfig, *, cohort: Cohort, table: pd.DataFrame, splits: pd.Series,
-                  fitted: Fitted, best: ModelResult, metrics: pd.DataFrame,
+                  fitted: Fitted, primary: ModelResult, metrics: pd.DataFrame,
                   delong: pd.DataFrame, versions: dict[str, str], folder: Path) -> Path:
     """Write every figure, table and ``report.html`` into ``folder`` and log them."""
     folder.mkdir(parents=True, exist_ok=True)
     y = table["label"]
-    figures = _split_figures(cfg, fitted.models, best, y, folder)
-    figures += _model_figures(cfg, fitted, best, table, splits, folder)
+    figures = _split_figures(cfg, _reported(fitted), primary, y, folder)
+    figures += _model_figures(cfg, fitted, primary, table, splits, folder)
+    exploratory = _split_figures(cfg, fitted.models, primary, y, folder, suffix="_exploratory")
     wide = metrics_table(metrics, level=cfg.evaluation.level)
     wide.to_csv(folder / "metrics_table.csv", index=False)
     baseline = table.assign(split=splits, status=y.map({0: "PD-L1 negative",
@@ -138,8 +142,10 @@ def write_outputs(cfg: DictConfig, *, cohort: Cohort, table: pd.DataFrame, split
     sections = [
         ReportSection("Cohort", text=(
             f"{len(table)} patients ({int(y.sum())} PD-L1 positive, "
-            f"{y.mean():.0%}); {len(cohort.problems)} problem(s) excluded. Selected model: "
-            f"{best.name} (chosen by training cross-validation AUC, {best.cv_auc:.3f})."),
+            f"{y.mean():.0%}); {len(cohort.problems)} problem(s) excluded. Primary model "
+            f"(pre-specified by evaluation.primary): {primary.name}; its training "
+            f"cross-validation AUC is {primary.cv_auc:.3f}"
+            f"{' (tuning CV: optimistic)' if primary.sweep else ''}."),
             table=counts.reset_index()),
         ReportSection("Baseline characteristics: training vs test", table=by_split),
         ReportSection("Baseline characteristics by PD-L1 status (training)", table=by_label),
@@ -147,6 +153,8 @@ def write_outputs(cfg: DictConfig, *, cohort: Cohort, table: pd.DataFrame, split
             "AUC with DeLong CI; other metrics at the Youden threshold chosen on the training "
             "split's out-of-fold predictions, with stratified bootstrap CIs."), table=wide),
         ReportSection("Figures", figures=[p for p in figures if p.suffix == ".png"]),
+        ReportSection("Exploratory figures: every classifier", figures=[
+            p for p in exploratory if p.suffix == ".png"]),
         ReportSection("Paired DeLong tests", table=delong),
         ReportSection("Data and code versions", table=versions),
     ]

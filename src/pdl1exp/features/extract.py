@@ -37,6 +37,7 @@ __all__ = [
     "Extraction",
     "extract_features",
     "extractor_code_version",
+    "extractor_identity",
     "feature_key",
     "resolve_precision",
 ]
@@ -84,6 +85,15 @@ def extractor_code_version() -> str:
     for name in _CODE:
         digest.update((root / name).read_bytes())
     return digest.hexdigest()[:12]
+
+
+def extractor_identity(cfg: DictConfig, extraction: Extraction) -> dict[str, Any]:
+    """What predict needs to recompute the deep features exactly as in training."""
+    configs = {k: OmegaConf.to_container(cfg[k], resolve=True)
+               for k in ("backbone", "preprocess", "roi", "segmentation")}
+    return {**configs, "seed": cfg.seed, "weights_tag": extraction.weights_tag,
+            "precision": extraction.precision, "feature_cache_key": extraction.key,
+            "code_version": extractor_code_version()}
 
 
 def resolve_precision(requested: str) -> str:

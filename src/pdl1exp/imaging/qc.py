@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import SimpleITK as sitk
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from pdl1exp.data.images import read_image
 from pdl1exp.imaging.measurements import roi_measurements
 
-__all__ = ["qc_figure"]
+__all__ = ["qc_figure", "qc_figures"]
 
 
 def _check_geometry(image: sitk.Image, mask: sitk.Image) -> None:
@@ -106,3 +110,36 @@ def qc_figure(image: sitk.Image, mask: sitk.Image, path: str | Path, *,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+def _qc_one(image: str, mask: str, path: Path, window: tuple[float, float], title: str) -> Path:
+    return qc_figure(read_image(image), read_image(mask), path, window=window, title=title)
+
+
+def qc_figures(rois: pd.DataFrame, folder: str | Path, *, which: str,
+               window: tuple[float, float], name: Callable[[str], str],
+               n_jobs: int = 1) -> list[Path]:
+    """QC figures of the ROI table into ``folder``, drawn in ``n_jobs`` processes.
+
+    Args:
+        rois: the ROI stage's table (``image``, ``mask``, ``roi_source``, descriptors).
+        folder: output folder; one ``<name(patient_id)>.png`` per patient.
+        which: ``all``, ``seeded`` (segmented ROIs only) or ``none``.
+        window: CT window (width, level).
+        name: patient_id → the name written on the file and the figure (a pseudonym).
+        n_jobs: worker processes.
+    """
+    chosen = rois if which == "all" else rois[rois["roi_source"] == "seeded"]
+    if which == "none" or chosen.empty:
+        return []
+    folder = Path(folder)
+    jobs = []
+    for pid, row in chosen.iterrows():
+        label = name(str(pid))
+        title = (f"{label}: {row['roi_volume_ml']:.2f} ml, {row['roi_max_diameter_mm']:.1f} mm "
+                 f"({row['roi_source']})")
+        jobs.append((row["image"], row["mask"], folder / f"{label}.png", window, title))
+    if n_jobs <= 1:
+        return [_qc_one(*job) for job in jobs]
+    with ProcessPoolExecutor(n_jobs) as pool:
+        return list(pool.map(_qc_one, *zip(*jobs, strict=True)))

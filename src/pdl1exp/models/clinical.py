@@ -18,9 +18,16 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from pdl1exp.evaluation.tables import fit_logistic, univariate_screen
 
-__all__ = ["SIGNATURE", "UnivariateScreen", "clinical_pipeline", "out_of_fold", "signature"]
+__all__ = ["SIGNATURE", "UnivariateScreen", "clinical_pipeline", "out_of_fold", "signature",
+           "signature_column"]
 
-SIGNATURE = "dlr_signature"
+
+def signature_column(feature_set: str) -> str:
+    """The combined model's column for an image feature set's signature."""
+    return f"{feature_set}_signature"
+
+
+SIGNATURE = signature_column("dlr")
 # Keeps the signature finite when a model is certain.
 _EPS = 1e-6
 
