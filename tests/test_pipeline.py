@@ -94,15 +94,21 @@ def test_bad_manifest_ends_the_run_failed(compose_cfg, tmp_path: Path) -> None:
 
 
 def test_nested_protocol_logs_the_outer_estimate(compose_cfg, tmp_path: Path) -> None:
-    cfg = compose_cfg("+experiment=smoke", "feature_sets=[dlr]", "tuning.protocol=nested",
+    cfg = compose_cfg("+experiment=smoke", "feature_sets=[dlr]", "evaluation.primary=dlr",
+                      "tuning.protocol=nested",
                       "tuning.outer_folds=3", "classifier=lr", *tiny_overrides(tmp_path))
     run(cfg)
     (parent,) = [r for r in _runs(tmp_path, "smoke") if "mlflow.parentRunId" not in r.data.tags]
     metrics = parent.data.metrics
     assert metrics["nested_auc_ci_lower"] <= metrics["nested_auc"] <= metrics["nested_auc_ci_upper"]
-    assert {f"nested_auc_fold{k}" for k in range(3)} <= set(metrics)
-    artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
-    assert "nested_cv.csv" in artifacts
+    assert metrics["nested_auc"] == metrics["nested_dlr_auc"]
+    assert metrics["nested_dlr_auc_fold_sd"] >= 0.0
+    folder = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,
+                                                 dst_path=str(tmp_path / "artifacts"))
+    folds = pd.read_csv(Path(folder) / "nested_cv.csv")
+    assert list(folds["fold"]) == [0, 1, 2]
+    assert set(folds["classifier"]) == {"lr"}
+    assert "Nested cross-validation" in (Path(folder) / "report.html").read_text()
 
 
 def test_external_patients_are_reported_per_center(compose_cfg, tmp_path: Path) -> None:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from pdl1exp.pipeline import run
+from pdl1exp.paths import CONFIG_DIR
 
 __all__ = ["main"]
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     """Compose the config, run the experiment and return its objective (CV AUC)."""
+    from pdl1exp.pipeline import run  # heavy imports after Hydra has parsed the command line
+
     return run(cfg)
 
 

@@ -30,6 +30,7 @@ from pdl1exp.imaging.qc import qc_figures
 from pdl1exp.imaging.rois import roi_stage
 from pdl1exp.models.assessment import delong_table, evaluate, selected_features, split_metrics
 from pdl1exp.models.fitting import fit_feature_sets
+from pdl1exp.models.nested import nested_estimates
 from pdl1exp.models.results import Fitted, ModelResult, held_out_frame
 from pdl1exp.models.selected import SelectedModel
 from pdl1exp.reporting import write_outputs
@@ -93,6 +94,26 @@ def _deep_features(cfg: DictConfig, rois: pd.DataFrame, y: pd.Series,
     if extraction.finetune:
         mlflow.log_dict(extraction.finetune, "finetune.json")
     return extraction
+
+
+def _nested(cfg: DictConfig, train: pd.DataFrame, features: dict[str, pd.DataFrame],
+            chain: dict[str, Any]) -> pd.DataFrame:
+    """Whole-chain nested CV on the training split; logs ``nested_<feature set>_auc``."""
+    result = nested_estimates(train, features, outer_folds=cfg.tuning.outer_folds, **chain)
+    metrics = result.metrics(train["label"], level=cfg.evaluation.level)
+    primary = f"nested_{cfg.evaluation.primary}_auc"
+    mlflow.log_metrics({**metrics, **{k.replace(primary, "nested_auc"): v
+                                      for k, v in metrics.items() if k.startswith(primary)}})
+    log_frame(result.folds, "nested_cv.csv")
+    summary = result.folds.groupby("feature_set", sort=False).agg(
+        chosen=("classifier", lambda c: ", ".join(c)),
+        fold_auc_mean=("auc", "mean"), fold_auc_sd=("auc", "std")).reset_index()
+    summary["nested_auc"] = [metrics[f"nested_{f}_auc"] for f in summary.feature_set]
+    summary["ci_lower"] = [metrics[f"nested_{f}_auc_ci_lower"] for f in summary.feature_set]
+    summary["ci_upper"] = [metrics[f"nested_{f}_auc_ci_upper"] for f in summary.feature_set]
+    log.info("Nested CV AUC of the primary (%s): %.3f", cfg.evaluation.primary,
+             metrics[primary])
+    return summary
 
 
 def _log_child(result: ModelResult, metrics: pd.DataFrame, tags: dict[str, str]) -> None:
@@ -163,13 +184,17 @@ def run(cfg: DictConfig) -> float:
         if "dlr" in cfg.feature_sets:
             extraction = _deep_features(cfg, rois, y, splits)
             features["dlr"] = extraction.table.loc[rois.index].filter(like=DEEP_PREFIX, axis=1)
-        fitted = fit_feature_sets(
-            table, features, splits, feature_sets=list(cfg.feature_sets),
-            combined_signatures=list(cfg.combined_signatures), numeric=cohort.numeric,
-            categorical=cohort.categorical, clinical=_plain(cfg, "clinical"),
-            classifiers=_plain(cfg, "classifier"), selection=_plain(cfg, "selection"),
-            tuning=_plain(cfg, "tuning"), study_prefix=cfg.name, seed=cfg.seed)
+        chain = {"feature_sets": list(cfg.feature_sets),
+                 "combined_signatures": list(cfg.combined_signatures),
+                 "numeric": cohort.numeric, "categorical": cohort.categorical,
+                 "clinical": _plain(cfg, "clinical"), "classifiers": _plain(cfg, "classifier"),
+                 "selection": _plain(cfg, "selection"), "tuning": _plain(cfg, "tuning"),
+                 "study_prefix": cfg.name, "seed": cfg.seed}
+        fitted = fit_feature_sets(table, features, splits, **chain)
         ev = cfg.evaluation
+        nested = None
+        if cfg.tuning.protocol == "nested":
+            nested = _nested(cfg, table.loc[splits == "train"], features, chain)
         metrics = pd.concat([evaluate(m, y, n_boot=ev.n_boot, level=ev.level, seed=cfg.seed)
                              for m in fitted.models], ignore_index=True)
         log_frame(metrics, "metrics.csv")
@@ -189,7 +214,7 @@ def run(cfg: DictConfig) -> float:
             first = fitted.chosen.get(primary.feature_set) or next(iter(fitted.chosen.values()))
             log_frame(selected_features(first.model), "selected_features.csv")
         write_outputs(cfg, cohort=cohort, table=table, splits=splits, fitted=fitted,
-                      primary=primary, metrics=metrics, delong=delong,
+                      primary=primary, metrics=metrics, delong=delong, nested=nested,
                       versions={**tags, "data_hash": cohort.data_hash}, folder=_run_folder())
         selected = _selected_model(primary, fitted, cohort.clinical,
                                    list(cfg.combined_signatures))

@@ -26,6 +26,7 @@ from pdl1exp.data.manifest import CohortError, Problem, problems_table
 from pdl1exp.evaluation import delong_ci
 from pdl1exp.features.extract import extract_features, extractor_code_version
 from pdl1exp.imaging.rois import roi_stage
+from pdl1exp.paths import CONFIG_DIR
 
 __all__ = ["ExtractorMismatchError", "main", "predict"]
 
@@ -142,7 +143,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     return rows
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 def main(cfg: DictConfig) -> None:
     """Score; exit non-zero with the reason when the manifest or the model cannot be used."""
     logging.getLogger("pdl1exp").setLevel(cfg.log_level)

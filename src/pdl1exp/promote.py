@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from scipy import stats
 
 from pdl1exp.evaluation import delong_ci, delong_test
+from pdl1exp.paths import CONFIG_DIR
 from pdl1exp.serving import CANDIDATE, CHAMPION, held_out_predictions
 
 __all__ = ["Decision", "decide", "main", "promote"]
@@ -143,7 +144,7 @@ def promote(*, name: str, alpha: float, require_higher_auc: bool = True,
     return decision
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="promote")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="promote")
 def main(cfg: DictConfig) -> None:
     """Promote (or not) and exit non-zero when there is nothing to promote."""
     logging.getLogger("pdl1exp").setLevel(cfg.log_level)

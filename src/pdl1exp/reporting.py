@@ -120,7 +120,8 @@ def _model_figures(cfg: DictConfig, fitted: Fitted, primary: ModelResult, table:
 
 def write_outputs(cfg: DictConfig, *, cohort: Cohort, table: pd.DataFrame, splits: pd.Series,
                   fitted: Fitted, primary: ModelResult, metrics: pd.DataFrame,
-                  delong: pd.DataFrame, versions: dict[str, str], folder: Path) -> Path:
+                  delong: pd.DataFrame, versions: dict[str, str], folder: Path,
+                  nested: pd.DataFrame | None = None) -> Path:
     """Write every figure, table and ``report.html`` into ``folder`` and log them."""
     folder.mkdir(parents=True, exist_ok=True)
     y = table["label"]
@@ -152,6 +153,11 @@ def write_outputs(cfg: DictConfig, *, cohort: Cohort, table: pd.DataFrame, split
         ReportSection("Discrimination and classification (95% CI)", text=(
             "AUC with DeLong CI; other metrics at the Youden threshold chosen on the training "
             "split's out-of-fold predictions, with stratified bootstrap CIs."), table=wide),
+        *([ReportSection("Nested cross-validation: the estimate of the whole procedure", text=(
+            "Outer folds of the training split wrap every fitted step (selection, sweeps, the "
+            "classifier choice, signatures, clinical screening, the combined model). Compare "
+            "with the single test-split result above; tuning-CV AUCs are optimistic."),
+            table=nested)] if nested is not None else []),
         ReportSection("Figures", figures=[p for p in figures if p.suffix == ".png"]),
         ReportSection("Exploratory figures: every classifier", figures=[
             p for p in exploratory if p.suffix == ".png"]),

@@ -22,6 +22,7 @@ from pdl1exp.data.manifest import load_cohort
 from pdl1exp.imaging.measurements import roi_measurements
 from pdl1exp.imaging.qc import qc_figure
 from pdl1exp.imaging.segmentation import SegmentationError
+from pdl1exp.paths import CONFIG_DIR
 
 __all__ = ["main", "segment_cohort"]
 
@@ -75,7 +76,7 @@ def segment_cohort(cfg: DictConfig) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["patient_id", "volume_ml", "max_diameter_mm", "status"])
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="segment")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="segment")
 def main(cfg: DictConfig) -> None:
     """Segment, print the summary, and exit non-zero when any segmentation failed."""
     logging.getLogger("pdl1exp").setLevel(cfg.log_level)

@@ -20,11 +20,11 @@ from pdl1exp.bench import sweep as bench_sweep
 from pdl1exp.data.load import cohort_stage
 from pdl1exp.features.extract import extract_features
 from pdl1exp.imaging.rois import roi_stage
+from pdl1exp.paths import CONFIG_DIR
 
 __all__ = ["extraction", "main"]
 
 log = logging.getLogger(__name__)
-_ROOT = Path(__file__).resolve().parents[3]
 _TARGETS = {
     "backbone": "≥ 35 ROIs/s bf16 (≥ 14 fp32), ≥ 70 % of the measured matmul peak",
     "extraction": "352-patient cohort: cache hit < 2 s",
@@ -35,7 +35,7 @@ _TARGETS = {
 
 def extraction(*overrides: str) -> dict[str, Any]:
     """Cold and cached deep-feature extraction of the default (352-patient) cohort."""
-    with initialize_config_dir(config_dir=str(_ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=list(overrides))
     cohort = cohort_stage(cfg)
     rois, _ = roi_stage(cfg, cohort)
@@ -73,7 +73,8 @@ def main() -> None:
     for name, suite in suites.items():
         log.info("Benchmark: %s", name)
         results[name] = suite()
-    folder = _ROOT / "experiments"
+    folder = Path("experiments")
+    folder.mkdir(exist_ok=True)
     (folder / "BENCHMARKS.json").write_text(json.dumps(results, indent=2, default=str))
     body = "\n".join(_section(name, results[name]) for name in suites)
     (folder / "BENCHMARKS.md").write_text(

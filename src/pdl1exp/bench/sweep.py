@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,10 +12,10 @@ import pandas as pd
 from hydra import compose, initialize_config_dir
 
 from pdl1exp.models.tuning import prepare_folds, select_best, tune_classifier
+from pdl1exp.paths import CONFIG_DIR
 
 __all__ = ["run"]
 
-_CONF = Path(__file__).resolve().parents[3] / "conf"
 
 
 def _synthetic(
@@ -58,7 +57,7 @@ def run(
         pruned trials and CV AUC (studies in a throw-away sqlite file, as real runs use one).
     """
     trial_override = () if n_trials is None else (f"tuning.n_trials={n_trials}",)
-    with initialize_config_dir(config_dir=str(_CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             overrides=[
                 "+classifier=all",

@@ -1,0 +1,1 @@
+"""Cohort data: manifest loading and validation, image readers, synthetic cohort, splits."""

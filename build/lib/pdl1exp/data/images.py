@@ -1,0 +1,140 @@
+"""Read CT volumes and masks (NIfTI, NRRD, MetaImage, DICOM series) into SimpleITK images.
+
+Every image leaves this module as a ``SimpleITK.Image`` with its physical geometry (spacing,
+origin, direction in ITK/LPS millimetres) and no header metadata: DICOM and NIfTI headers can
+carry patient names, IDs and dates, and nothing downstream needs them. Truncated files are
+detected here, because ITK's NIfTI reader silently zero-fills a short data block.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageReadError",
+    "geometry_mismatch",
+    "read_image",
+]
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+_CHUNK = 1 << 20
+
+# ITK prints its own warnings to stderr; we raise our own errors that name the file instead.
+sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
+
+class ImageReadError(ValueError):
+    """An image file or DICOM folder that cannot be read as a complete volume."""
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Fail on a NIfTI whose data block is shorter than its header promises."""
+    try:
+        header = nib.load(str(path)).header
+    except Exception as err:
+        msg = f"{path}: not a readable NIfTI header ({err})"
+        raise ImageReadError(msg) from err
+    expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * int(
+        header.get_data_dtype().itemsize)
+    if _suffix(path) == ".nii.gz":
+        size = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(_CHUNK):
+                    size += len(chunk)
+        except (EOFError, OSError, zlib.error) as err:
+            msg = f"{path}: truncated or corrupt gzip stream ({err})"
+            raise ImageReadError(msg) from err
+    else:
+        size = path.stat().st_size
+    if size < expected:
+        msg = f"{path}: truncated NIfTI ({size} bytes of data, header needs {expected})"
+        raise ImageReadError(msg)
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    """Read the single CT series in ``folder``; rescale slope/intercept is applied by GDCM."""
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        msg = f"{folder}: no DICOM series found in this folder"
+        raise ImageReadError(msg)
+    if len(series) > 1:
+        msg = f"{folder}: {len(series)} DICOM series in one folder; keep exactly one per patient"
+        raise ImageReadError(msg)
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOff()  # never load per-slice headers (PHI)
+    return reader.Execute()
+
+
+def _strip_metadata(image: sitk.Image) -> sitk.Image:
+    for key in image.GetMetaDataKeys():
+        image.EraseMetaData(key)
+    return image
+
+
+def read_image(path: str | Path) -> sitk.Image:
+    """Read one volume with its physical geometry.
+
+    Args:
+        path: a NIfTI/NRRD/MetaImage file or a folder holding one DICOM series.
+
+    Raises:
+        ImageReadError: missing, unsupported, truncated or corrupt input (message names it).
+    """
+    path = Path(path)
+    if not path.exists():
+        msg = f"{path}: file not found"
+        raise ImageReadError(msg)
+    if path.is_dir():
+        try:
+            image = _read_dicom_series(path)
+        except RuntimeError as err:
+            msg = f"{path}: unreadable DICOM series ({str(err).splitlines()[-1][:200]})"
+            raise ImageReadError(msg) from err
+    else:
+        suffix = _suffix(path)
+        if suffix not in IMAGE_SUFFIXES:
+            msg = f"{path}: unsupported image format {suffix!r}; use one of {IMAGE_SUFFIXES}"
+            raise ImageReadError(msg)
+        if suffix in (".nii", ".nii.gz"):
+            _check_nifti_complete(path)
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as err:
+            msg = f"{path}: unreadable or truncated image ({str(err).splitlines()[-1][:200]})"
+            raise ImageReadError(msg) from err
+    if image.GetDimension() != 3:
+        msg = f"{path}: expected a 3-D volume, got {image.GetDimension()}-D"
+        raise ImageReadError(msg)
+    return _strip_metadata(image)
+
+
+def geometry_mismatch(image: sitk.Image, mask: sitk.Image, *, tolerance_mm: float) -> str | None:
+    """Describe how ``mask`` is not in ``image``'s physical space, or None when it is.
+
+    Args:
+        tolerance_mm: allowed difference of spacing and origin (mm) and of direction cosines.
+    """
+    if image.GetSize() != mask.GetSize():
+        return f"mask size {mask.GetSize()} != image size {image.GetSize()}"
+    for name in ("Spacing", "Origin", "Direction"):
+        a = np.asarray(getattr(image, f"Get{name}")())
+        b = np.asarray(getattr(mask, f"Get{name}")())
+        if not np.allclose(a, b, atol=tolerance_mm, rtol=0):
+            shown = [tuple(float(v) for v in np.round(x, 4)) for x in (b, a)]
+            return f"mask {name.lower()} {shown[0]} != image {shown[1]}"
+    return None

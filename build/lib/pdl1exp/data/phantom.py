@@ -1,0 +1,280 @@
+"""CT-like thoracic phantoms with one lung tumour, rendered in physical millimetres.
+
+A phantom is a crop of a chest CT around one lung: air outside the body, a fat/muscle chest
+wall, the mediastinum bulging in from one side, lung parenchyma at about -850 HU with a
+gravity gradient, vessels and noise, and one tumour with an irregular (lobulated, optionally
+spiculated) margin, internal texture and an optional ground-glass (part-solid) rim. The tumour
+can abut the pleura or have a vessel running into it, the two cases that defeat naive
+region growing. Everything is drawn on voxel centres in millimetres, then blurred by a scanner
+point-spread function and noised, so anisotropic spacing changes the sampling, not the anatomy.
+
+Example:
+    >>> rng = np.random.default_rng(0)
+    >>> ph = render_ct(ScanSpec(shape=(64, 64, 24), spacing=(1.0, 1.0, 2.0)),
+    ...                TumourSpec(diameter_mm=12.0), rng)
+    >>> ph.ct.shape, ph.mask.dtype
+    ((24, 64, 64), dtype('uint8'))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["HU", "Phantom", "ScanSpec", "TumourSpec", "render_ct"]
+
+
+@dataclass(frozen=True)
+class _Tissue:
+    air: float = -1000.0
+    lung: float = -850.0
+    fat: float = -100.0
+    muscle: float = 45.0
+    blood: float = 40.0
+    ground_glass: float = -500.0
+
+
+HU = _Tissue()
+"""Nominal attenuation of each tissue in Hounsfield units."""
+
+
+@dataclass(frozen=True)
+class ScanSpec:
+    """Acquisition geometry and image quality.
+
+    Args:
+        shape: voxels along (x, y, z).
+        spacing: voxel size in mm along (x, y, z).
+        noise_hu: standard deviation of the quantum noise.
+        psf_mm: Gaussian point-spread-function sigma of the scanner.
+        n_vessels: lung vessels drawn besides the tumour's own.
+    """
+
+    shape: tuple[int, int, int] = (128, 128, 48)
+    spacing: tuple[float, float, float] = (0.8, 0.8, 1.5)
+    noise_hu: float = 20.0
+    psf_mm: float = 0.7
+    n_vessels: int = 10
+
+
+@dataclass(frozen=True)
+class TumourSpec:
+    """Tumour phenotype.
+
+    Args:
+        diameter_mm: nominal diameter of the tumour (before lobulation).
+        lobulation: relative amplitude of the low-frequency margin irregularity (0 = sphere).
+        n_spicules: thin spicules radiating from the margin.
+        heterogeneity_hu: standard deviation of the internal texture of the solid part.
+        texture_mm: correlation length of the internal texture.
+        solid_fraction: volume fraction of the solid core; below 1 the rest is ground glass.
+        attenuation_hu: mean attenuation of the solid part.
+        location: ``"central"`` (surrounded by lung) or ``"pleural"`` (abutting the chest wall).
+        vessel_attached: draw a vessel that runs into the tumour.
+    """
+
+    diameter_mm: float = 15.0
+    lobulation: float = 0.15
+    n_spicules: int = 0
+    heterogeneity_hu: float = 15.0
+    texture_mm: float = 1.5
+    solid_fraction: float = 1.0
+    attenuation_hu: float = 35.0
+    location: str = "central"
+    vessel_attached: bool = False
+
+    def __post_init__(self) -> None:
+        if self.location not in ("central", "pleural"):
+            msg = f"TumourSpec.location must be 'central' or 'pleural', got {self.location!r}"
+            raise ValueError(msg)
+        if not 0.0 < self.solid_fraction <= 1.0:
+            msg = f"TumourSpec.solid_fraction must be in (0, 1], got {self.solid_fraction}"
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class Phantom:
+    """A rendered phantom: arrays are indexed (z, y, x) like SimpleITK's numpy view.
+
+    Args:
+        ct: attenuation in HU (int16).
+        mask: ground-truth tumour mask (uint8, 1 = tumour).
+        spacing: voxel size in mm along (x, y, z).
+        origin: physical position of voxel (0, 0, 0) in mm (x, y, z).
+        seed_mm: a point inside the solid part of the tumour in mm (x, y, z).
+    """
+
+    ct: np.ndarray
+    mask: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    seed_mm: tuple[float, float, float]
+
+
+def _grid(scan: ScanSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Voxel-centre coordinates in mm, centred on the field of view."""
+    nx, ny, nz = scan.shape
+    sx, sy, sz = scan.spacing
+    origin = (-(nx - 1) * sx / 2, -(ny - 1) * sy / 2, -(nz - 1) * sz / 2)
+    z, y, x = np.meshgrid(
+        origin[2] + sz * np.arange(nz, dtype=np.float32),
+        origin[1] + sy * np.arange(ny, dtype=np.float32),
+        origin[0] + sx * np.arange(nx, dtype=np.float32),
+        indexing="ij",
+    )
+    return x, y, z, origin
+
+
+def _smooth_field(shape: tuple[int, ...], sigma_mm: float, spacing_zyx: np.ndarray,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Unit-variance Gaussian random field with correlation length ``sigma_mm``."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32),
+                                    sigma=sigma_mm / spacing_zyx)
+    return field / max(float(field.std()), 1e-6)
+
+
+def _segment_distance(x: np.ndarray, y: np.ndarray, z: np.ndarray,
+                      a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distance of every voxel centre to the segment from ``a`` to ``b`` (mm)."""
+    ab = b - a
+    t = ((x - a[0]) * ab[0] + (y - a[1]) * ab[1] + (z - a[2]) * ab[2]) / float(ab @ ab)
+    t = np.clip(t, 0.0, 1.0)
+    return np.sqrt((x - a[0] - t * ab[0]) ** 2 + (y - a[1] - t * ab[1]) ** 2
+                   + (z - a[2] - t * ab[2]) ** 2)
+
+
+def _ellipse_level(x: np.ndarray, y: np.ndarray, cx: float, cy: float,
+                   ax: np.ndarray | float, ay: np.ndarray | float) -> np.ndarray:
+    """Elliptic level: < 1 inside the ellipse."""
+    return ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2
+
+
+def _anatomy(x: np.ndarray, y: np.ndarray, z: np.ndarray,
+             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Body, lung and chest-wall fat masks of a thoracic crop."""
+    half_w, half_h = float(x.max()), float(y.max())
+    half_z = max(float(z.max()), 1.0)
+    taper = 1.0 - 0.08 * (z / half_z)  # the lung narrows towards the apex
+    body = _ellipse_level(x, y, 0.0, 0.0, 1.15 * half_w, 1.1 * half_h) < 1.0
+    inner_body = _ellipse_level(x, y, 0.0, 0.0, 1.15 * half_w - 9.0, 1.1 * half_h - 9.0) < 1.0
+    cx = rng.uniform(-0.05, 0.05) * half_w
+    cy = rng.uniform(-0.05, 0.05) * half_h
+    lung = _ellipse_level(x, y, cx, cy, 0.88 * half_w * taper, 0.85 * half_h * taper) < 1.0
+    mediastinum = _ellipse_level(x, y, -1.05 * half_w, rng.uniform(-0.2, 0.2) * half_h,
+                                 0.45 * half_w, 0.6 * half_h) < 1.0
+    lung &= ~mediastinum
+    fat = body & ~inner_body
+    return body, lung, fat
+
+
+def _tumour_centre(lung: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray,
+                   radius: float, spec: TumourSpec, rng: np.random.Generator) -> np.ndarray:
+    """A centre whose tumour lies inside the lung, or abuts the pleura when ``pleural``."""
+    inside = ndimage.distance_transform_edt(lung, sampling=_spacing_zyx(x, y, z))
+    if spec.location == "pleural":
+        # Centre about 0.8 r from the pleura: the tumour touches and flattens on the wall.
+        candidates = np.abs(inside - 0.8 * radius) < 0.75
+    else:
+        candidates = inside > radius * 1.35 + 3.0
+    # Keep away from the top and bottom slices so the tumour is fully in the field of view.
+    z_ok = np.abs(z) < float(z.max()) - radius - 1.0
+    idx = np.flatnonzero(candidates & z_ok)
+    if idx.size == 0:
+        idx = np.flatnonzero(inside == inside.max())
+    pick = idx[rng.integers(idx.size)]
+    return np.array([x.flat[pick], y.flat[pick], z.flat[pick]], dtype=np.float32)
+
+
+def _spacing_zyx(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Voxel spacing (z, y, x) read back from the coordinate grids."""
+    def step(a: np.ndarray, axis: int) -> float:
+        return float(np.take(a, 1, axis=axis).flat[0] - np.take(a, 0, axis=axis).flat[0]) \
+            if a.shape[axis] > 1 else 1.0
+    return np.array([step(z, 0), step(y, 1), step(x, 2)], dtype=np.float32)
+
+
+def _tumour_shape(x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: np.ndarray,
+                  radius: float, spec: TumourSpec,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Tumour region and its normalised radial coordinate (0 at centre, 1 at the margin)."""
+    dx, dy, dz = x - centre[0], y - centre[1], z - centre[2]
+    dist = np.sqrt(dx**2 + dy**2 + dz**2) + 1e-6
+    margin = np.ones_like(dist)
+    for _ in range(4):  # low-frequency lobulation as a sum of directional cosines
+        v = rng.standard_normal(3)
+        v /= np.linalg.norm(v)
+        cos_angle = np.clip((dx * v[0] + dy * v[1] + dz * v[2]) / dist, -1.0, 1.0)
+        margin += spec.lobulation / 2 * np.cos(rng.integers(2, 5) * np.arccos(cos_angle)
+                                               + rng.uniform(0, 2 * np.pi))
+    rho = dist / (radius * margin)
+    region = rho <= 1.0
+    for _ in range(spec.n_spicules):
+        v = rng.standard_normal(3)
+        v /= np.linalg.norm(v)
+        length = radius * rng.uniform(0.4, 0.9)
+        spicule = _segment_distance(x, y, z, centre + 0.8 * radius * v,
+                                    centre + (radius + length) * v) < 0.6
+        region |= spicule
+    return region, rho
+
+
+def render_ct(scan: ScanSpec, tumour: TumourSpec, rng: np.random.Generator) -> Phantom:
+    """Render one phantom CT and its ground-truth tumour mask.
+
+    Args:
+        scan: geometry and image quality.
+        tumour: tumour phenotype.
+        rng: the source of all randomness (same state ⇒ same phantom).
+    """
+    x, y, z, origin = _grid(scan)
+    spacing_zyx = _spacing_zyx(x, y, z)
+    body, lung, fat = _anatomy(x, y, z, rng)
+
+    ct = np.full(x.shape, HU.air, dtype=np.float32)
+    ct[body] = HU.muscle
+    ct[fat] = HU.fat
+    # Dependent (posterior, +y) lung is denser: the gravity gradient seen on supine CT.
+    gradient = 40.0 * (y / max(float(y.max()), 1.0))
+    parenchyma = HU.lung + gradient + 25.0 * _smooth_field(x.shape, 3.0, spacing_zyx, rng)
+    ct[lung] = parenchyma[lung]
+
+    radius = tumour.diameter_mm / 2
+    centre = _tumour_centre(lung, x, y, z, radius, tumour, rng)
+
+    vessels = np.zeros(x.shape, dtype=bool)
+    half = np.array([x.max(), y.max(), z.max()], dtype=np.float32)
+    for _ in range(scan.n_vessels):
+        a = rng.uniform(-half, half).astype(np.float32)
+        b = rng.uniform(-half, half).astype(np.float32)
+        vessels |= _segment_distance(x, y, z, a, b) < rng.uniform(0.6, 2.0)
+    if tumour.vessel_attached:
+        direction = rng.standard_normal(3).astype(np.float32)
+        direction /= np.linalg.norm(direction)
+        far = centre + direction * (radius + rng.uniform(15.0, 30.0))
+        vessels |= _segment_distance(x, y, z, centre, far) < rng.uniform(1.2, 2.0)
+    vessels &= lung
+    ct[vessels] = HU.blood
+
+    region, rho = _tumour_shape(x, y, z, centre, radius, tumour, rng)
+    region &= lung  # a pleural tumour stops at the chest wall
+    texture = tumour.heterogeneity_hu * _smooth_field(x.shape, tumour.texture_mm,
+                                                      spacing_zyx, rng)
+    core = rho <= tumour.solid_fraction ** (1 / 3)
+    solid = region & core
+    ground_glass = region & ~core
+    ct[solid] = tumour.attenuation_hu + texture[solid]
+    ct[ground_glass] = HU.ground_glass + 0.5 * texture[ground_glass] + 3 * gradient[ground_glass]
+
+    ct = ndimage.gaussian_filter(ct, sigma=scan.psf_mm / spacing_zyx)
+    ct += scan.noise_hu * rng.standard_normal(ct.shape).astype(np.float32)
+    ct = np.clip(np.rint(ct), -1024, 3071).astype(np.int16)
+
+    seed_candidates = np.flatnonzero(solid & (rho < 0.5))
+    if seed_candidates.size == 0:
+        seed_candidates = np.flatnonzero(region)
+    pick = seed_candidates[np.argmin(rho.flat[seed_candidates])]
+    seed = (float(x.flat[pick]), float(y.flat[pick]), float(z.flat[pick]))
+    return Phantom(ct=ct, mask=region.astype(np.uint8), spacing=tuple(scan.spacing),
+                   origin=tuple(float(o) for o in origin), seed_mm=seed)

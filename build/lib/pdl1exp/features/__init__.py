@@ -1,0 +1,1 @@
+"""Deep features: MONAI backbones, weight loading, Lightning extraction, feature cache."""

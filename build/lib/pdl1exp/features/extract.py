@@ -1,0 +1,241 @@
+"""Deep-feature stage: ROI crops → backbone embeddings, through the content-hashed cache."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from pdl1exp.features.backbones import build_backbone
+from pdl1exp.features.cache import FeatureCache
+from pdl1exp.features.extractor import (
+    DeepFeatureExtractor,
+    PatientProgress,
+    RankWriter,
+    ROIDataModule,
+)
+from pdl1exp.features.finetune import finetune_backbone, finetune_spec, finetuned_tag, read_summary
+from pdl1exp.features.weights import input_normalisation, load_weights
+from pdl1exp.hashing import content_key
+from pdl1exp.imaging.preprocess import build_transforms
+
+__all__ = [
+    "DEEP_PREFIX",
+    "ROI_DESCRIPTORS",
+    "Extraction",
+    "extract_features",
+    "extractor_code_version",
+    "extractor_identity",
+    "feature_key",
+    "resolve_precision",
+]
+
+log = logging.getLogger(__name__)
+
+DEEP_PREFIX = "dl_"
+ROI_DESCRIPTORS = ("roi_volume_ml", "roi_max_diameter_mm")
+
+# Source files whose change must invalidate cached features.
+_CODE = ("features/extract.py", "features/extractor.py", "features/backbones.py",
+         "features/weights.py", "features/finetune.py", "imaging/preprocess.py",
+         "imaging/reader.py", "imaging/crop.py", "data/images.py")
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """Result of the deep-feature stage.
+
+    Args:
+        table: one row per patient (index patient_id), columns ``dl_0000``... and the ROI
+            descriptors ``roi_volume_ml``, ``roi_max_diameter_mm``.
+        cache_hit: True when no forward pass ran.
+        key: the feature-cache key.
+        weights_tag: what was really loaded (``imagenet:``/``file:``/``random:``), with
+            ``+finetuned:<sha12>`` after fine-tuning.
+        precision: the precision the forward pass used (or would have used).
+        patients_per_s: throughput of the forward pass (0 on a cache hit).
+        finetune: the fine-tuning summary (None without fine-tuning).
+    """
+
+    table: pd.DataFrame
+    cache_hit: bool
+    key: str
+    weights_tag: str
+    precision: str
+    patients_per_s: float
+    finetune: dict[str, Any] | None = None
+
+
+def extractor_code_version() -> str:
+    """Hash of the extractor's source files."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for name in _CODE:
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def extractor_identity(cfg: DictConfig, extraction: Extraction) -> dict[str, Any]:
+    """What predict needs to recompute the deep features exactly as in training."""
+    configs = {k: OmegaConf.to_container(cfg[k], resolve=True)
+               for k in ("backbone", "preprocess", "roi", "segmentation")}
+    return {**configs, "seed": cfg.seed, "weights_tag": extraction.weights_tag,
+            "precision": extraction.precision, "feature_cache_key": extraction.key,
+            "code_version": extractor_code_version()}
+
+
+def resolve_precision(requested: str) -> str:
+    """``bf16-mixed`` where the hardware supports it, else full precision (with a warning)."""
+    if requested != "bf16-mixed":
+        return requested
+    if torch.cuda.is_available():
+        return requested if torch.cuda.is_bf16_supported() else "16-mixed"
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return requested
+    warnings.warn("this CPU has no bf16 support: extracting in fp32", UserWarning, stacklevel=2)
+    return "32-true"
+
+
+def feature_key(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictConfig,
+                backbone: DictConfig, weights_tag: str, precision: str, tta_views: int,
+                finetune: dict[str, Any] | None = None) -> str:
+    """Content hash of everything that determines the features (not paths, not batch size).
+
+    ``finetune`` (from :func:`pdl1exp.features.finetune.finetune_spec`) adds the fine-tuning
+    config, seed and training labels; without it the key is that of the loaded weights.
+    """
+    arch = OmegaConf.to_container(backbone, resolve=True)
+    return content_key({
+        **({"finetune": finetune} if finetune else {}),
+        "patients": rois[["image_sha", "mask_key"]].sort_index().to_dict("index"),
+        "preprocess": OmegaConf.to_container(preprocess, resolve=True),
+        "roi": OmegaConf.to_container(roi, resolve=True),
+        "backbone": {k: arch[k] for k in ("arch", "spatial_dims", "multi_stage", "input_size")},
+        "weights": weights_tag, "precision": precision, "tta_views": tta_views,
+        "code": extractor_code_version(),
+    })
+
+
+def _predict_distributed(module: DeepFeatureExtractor, data: ROIDataModule, *,
+                         devices: int | str, precision: str,
+                         progress: PatientProgress) -> list[dict]:
+    """Predict on several devices (spawned DDP); every rank's share is gathered from disk.
+
+    Lightning returns only the local rank's predictions under DDP, so each rank writes its
+    batches and the calling process merges them.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        writer = RankWriter(folder)
+        trainer = pl.Trainer(accelerator="auto", devices=devices, strategy="ddp_spawn",
+                             precision=precision, logger=False, enable_checkpointing=False,
+                             enable_model_summary=False, enable_progress_bar=False,
+                             callbacks=[writer, progress], inference_mode=True)
+        trainer.predict(module, datamodule=data, return_predictions=False)
+        return [batch for path in sorted(Path(folder).glob("rank*.pt"))
+                for batch in torch.load(path, weights_only=False)]
+
+
+def _merge(batches: list[dict]) -> tuple[list[str], np.ndarray]:
+    """Patient ids and embeddings in first-seen order (DDP pads ranks with repeats)."""
+    seen: dict[str, np.ndarray] = {}
+    for batch in batches:
+        for pid, row in zip(batch["patient_id"], batch["features"].numpy(), strict=True):
+            seen.setdefault(pid, row)
+    return list(seen), np.stack(list(seen.values()))
+
+
+def _items(rois: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{"patient_id": pid, "image": row["image"], "mask": row["mask"]}
+            for pid, row in rois.iterrows()]
+
+
+def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictConfig,
+                     backbone: DictConfig, seed: int, cache_dir: str | Path,
+                     devices: str | int | None = None,
+                     train_labels: pd.Series | None = None) -> Extraction:
+    """Embed every patient's ROI, or read the embeddings from the cache.
+
+    With ``backbone.finetune.enabled`` the backbone is first fine-tuned on the patients of
+    ``train_labels`` only (never pass test or external patients there).
+
+    Args:
+        rois: index patient_id; columns ``image``, ``mask`` (paths), ``image_sha``,
+            ``mask_key`` (content identity of the mask).
+        preprocess: the ``preprocess`` config (spacing, orientation, window).
+        roi: the ``roi`` config (a ``TumourROId`` target).
+        backbone: the ``backbone`` config.
+        seed: seed of random weights.
+        cache_dir: the feature cache folder.
+        devices: Lightning devices; None takes ``backbone.devices``.
+        train_labels: 0/1 labels of the training patients (index patient_id); required
+            when fine-tuning.
+    """
+    net = build_backbone(name=backbone.arch, spatial_dims=backbone.spatial_dims,
+                         in_channels=roi.channels, multi_stage=backbone.multi_stage)
+    tag = load_weights(net, weights=str(backbone.weights), seed=seed, arch=backbone.arch,
+                       hub_dir=backbone.hub_dir, allow_download=backbone.allow_download)
+    precision = resolve_precision(str(backbone.precision))
+    tta_views = int(backbone.tta.n) if backbone.tta.enabled else 1
+    spec = finetune_spec(backbone.finetune, train_labels=train_labels, seed=seed,
+                         patients=rois.index)
+    key = feature_key(rois, preprocess=preprocess, roi=roi, backbone=backbone,
+                      weights_tag=tag, precision=precision, tta_views=tta_views, finetune=spec)
+    cache = FeatureCache(cache_dir)
+    tuned_dir = cache.folder / "finetune" / key
+    tuned = read_summary(tuned_dir) if spec else None
+    cached = cache.get(key)
+    if cached is not None and (tuned or not spec):
+        log.info("Feature cache hit %s (%d patients, %d features)", key, *cached.shape)
+        return Extraction(cached, True, key, finetuned_tag(tag, tuned), precision, 0.0, tuned)
+
+    transform = build_transforms(spacing_mm=preprocess.spacing_mm, axcodes=preprocess.axcodes,
+                                 window_width=preprocess.window_width,
+                                 window_level=preprocess.window_level, roi=instantiate(roi))
+    mean, std = input_normalisation(tag)
+    if spec:
+        net, tuned = finetune_backbone(
+            net, items_train=_items(rois.loc[train_labels.index]),
+            labels=train_labels.to_numpy(), transform=transform, cfg_finetune=backbone.finetune,
+            seed=seed, checkpoint_dir=tuned_dir, mean=mean, std=std, precision=precision,
+            num_workers=backbone.num_workers, channels_last=backbone.channels_last)
+        tag = finetuned_tag(tag, tuned)
+    module = DeepFeatureExtractor(net, mean=mean, std=std,
+                                  channels_last=backbone.channels_last, tta_views=tta_views)
+    data = ROIDataModule(_items(rois), transform, batch_size=backbone.batch_size,
+                         num_workers=backbone.num_workers)
+    n_devices = backbone.devices if devices is None else devices
+    log.info("Extracting %s features (%s, %s) for %d patients", backbone.name, tag, precision,
+             len(rois))
+    progress = PatientProgress(len(rois))
+    start = time.perf_counter()
+    if n_devices in (1, "1"):
+        trainer = pl.Trainer(accelerator="auto", devices=1, precision=precision, logger=False,
+                             enable_checkpointing=False, enable_model_summary=False,
+                             enable_progress_bar=False, callbacks=[progress],
+                             inference_mode=True)
+        batches = trainer.predict(module, datamodule=data)
+    else:
+        batches = _predict_distributed(module, data, devices=n_devices, precision=precision,
+                                       progress=progress)
+    patients_per_s = len(rois) / (time.perf_counter() - start)
+    ids, features = _merge(batches)
+    table = pd.DataFrame(features, index=pd.Index(ids, name="patient_id"),
+                         columns=[f"{DEEP_PREFIX}{i:04d}" for i in range(features.shape[1])])
+    # ROI descriptors ride along (useful covariates); models read the deep columns only.
+    table = table.join(rois[[c for c in ROI_DESCRIPTORS if c in rois.columns]])
+    cache.put(key, table)
+    log.info("Extracted %d patients at %.1f patients/s; cached as %s", len(table),
+             patients_per_s, key)
+    return Extraction(table, False, key, tag, precision, patients_per_s, tuned)

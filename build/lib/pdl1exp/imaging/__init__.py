@@ -1,0 +1,1 @@
+"""Imaging: MONAI preprocessing, ROI crops, seeded segmentation, measurements, QC."""

@@ -1,0 +1,109 @@
+"""ROI stage: the tumour mask of every patient (provided, or segmented from its seed)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import SimpleITK as sitk
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from pdl1exp.data.images import read_image
+from pdl1exp.data.manifest import Cohort, CohortError, Problem
+from pdl1exp.hashing import content_key
+from pdl1exp.imaging.measurements import roi_measurements
+from pdl1exp.imaging.segmentation import SegmentationError
+
+__all__ = ["prepare_rois", "roi_stage"]
+
+log = logging.getLogger(__name__)
+
+Segmenter = Callable[[sitk.Image, tuple[float, float, float]], sitk.Image]
+
+
+def _write_atomic(image: sitk.Image, path: Path) -> None:
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.nii.gz")
+    sitk.WriteImage(image, str(partial), useCompression=True)
+    os.replace(partial, path)
+
+
+def prepare_rois(table: pd.DataFrame, *, segmenter: Segmenter | None,
+                 segmentation_params: dict[str, Any], mask_dir: str | Path,
+                 n_jobs: int = 1) -> tuple[pd.DataFrame, list[Problem]]:
+    """Give every patient a mask file and its size descriptors.
+
+    Rows with a mask keep it. Rows with only a seed are segmented (``segmenter`` is None
+    under ``segmentation=mask``, which makes them an error); their masks are written to
+    ``mask_dir/<key>.nii.gz``, keyed by image content, seed and segmentation parameters,
+    so a rerun reuses them and a reviewer can open them.
+
+    Args:
+        table: the cohort table (index patient_id; image, mask, seed, image_sha, mask_sha).
+        segmenter: ``(image, seed_mm) -> mask`` or None.
+        segmentation_params: everything that changes a segmentation (part of the key).
+        mask_dir: where segmented masks go.
+        n_jobs: patients processed in parallel (threads).
+
+    Returns:
+        Index patient_id with ``image``, ``mask``, ``image_sha``, ``mask_key``,
+        ``roi_source`` (provided/seeded), ``roi_volume_ml``, ``roi_max_diameter_mm``;
+        and the problems of patients that could not get a mask.
+    """
+    mask_dir = Path(mask_dir)
+
+    def one(item: tuple[str, pd.Series]) -> dict[str, Any] | Problem:
+        pid, row = item
+        if isinstance(row["mask"], str):
+            mask = read_image(row["mask"])
+            path, key, source = row["mask"], row["mask_sha"], "provided"
+        elif segmenter is None:
+            return Problem(pid, "mask", "no mask, and segmentation=mask does not segment "
+                           "seeds: give a mask or use segmentation=seeded")
+        else:
+            key = content_key({"image": row["image_sha"], "seed": row["seed"],
+                               "params": segmentation_params})
+            path = mask_dir / f"{key}.nii.gz"
+            source = "seeded"
+            if path.exists():
+                mask = read_image(path)
+            else:
+                try:
+                    mask = segmenter(read_image(row["image"]), tuple(row["seed"]))
+                except SegmentationError as err:
+                    return Problem(pid, "seed", f"segmentation failed: {err}")
+                mask_dir.mkdir(parents=True, exist_ok=True)
+                _write_atomic(mask, path)
+        sizes = roi_measurements(mask)
+        return {"patient_id": pid, "image": row["image"], "mask": str(path),
+                "image_sha": row["image_sha"], "mask_key": key, "roi_source": source,
+                "roi_volume_ml": sizes["volume_ml"],
+                "roi_max_diameter_mm": sizes["max_diameter_mm"]}
+
+    with ThreadPoolExecutor(max(1, n_jobs)) as pool:
+        results = list(pool.map(one, table.iterrows()))
+    problems = [r for r in results if isinstance(r, Problem)]
+    rows = [r for r in results if not isinstance(r, Problem)]
+    n_seeded = sum(r["roi_source"] == "seeded" for r in rows)
+    log.info("ROIs ready: %d provided, %d segmented from seeds, %d failed",
+             len(rows) - n_seeded, n_seeded, len(problems))
+    frame = pd.DataFrame(rows).set_index("patient_id") if rows else pd.DataFrame()
+    return frame, problems
+
+
+def roi_stage(cfg: DictConfig, cohort: Cohort) -> tuple[pd.DataFrame, list[Problem]]:
+    """Masks for every patient (seeded segmentation where only a seed is given)."""
+    seg = cfg.segmentation
+    segmenter = instantiate(seg.segmenter) if seg.method == "seeded" else None
+    params = OmegaConf.to_container(seg, resolve=True)
+    rois, problems = prepare_rois(cohort.table, segmenter=segmenter, segmentation_params=params,
+                                  mask_dir=Path(cfg.paths.cache_dir) / "masks",
+                                  n_jobs=cfg.dataset.validation.n_jobs)
+    if problems and cfg.dataset.on_error == "raise":
+        raise CohortError(cohort.source, problems)
+    return rois, problems

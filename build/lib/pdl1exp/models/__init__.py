@@ -1,0 +1,45 @@
+"""Models on feature tables: leak-free selection, the classifiers and their Optuna sweep."""
+
+from __future__ import annotations
+
+from pdl1exp.models.classifiers import build_estimator, build_pipeline, suggest_params
+from pdl1exp.models.selection import (
+    CorrelationFilter,
+    LassoSelector,
+    NearZeroVarianceFilter,
+    SelectionFallbackWarning,
+    UnivariateFilter,
+    build_selection,
+    univariate_auc,
+)
+from pdl1exp.models.tuning import (
+    CVFold,
+    NestedCVResult,
+    TuningResult,
+    nested_cv_auc,
+    prepare_folds,
+    select_best,
+    sweep,
+    tune_classifier,
+)
+
+__all__ = [
+    "CVFold",
+    "CorrelationFilter",
+    "LassoSelector",
+    "NearZeroVarianceFilter",
+    "NestedCVResult",
+    "SelectionFallbackWarning",
+    "TuningResult",
+    "UnivariateFilter",
+    "build_estimator",
+    "build_pipeline",
+    "build_selection",
+    "nested_cv_auc",
+    "prepare_folds",
+    "select_best",
+    "suggest_params",
+    "sweep",
+    "tune_classifier",
+    "univariate_auc",
+]

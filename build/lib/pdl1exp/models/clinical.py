@@ -1,0 +1,153 @@
+"""Clinical and combined (DLR signature + clinical) logistic models on patient tables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from hydra.utils import instantiate
+from scipy.special import logit
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.compose import ColumnTransformer, make_column_selector
+from sklearn.impute import SimpleImputer
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+from pdl1exp.evaluation.tables import fit_logistic, univariate_screen
+
+__all__ = ["SIGNATURE", "UnivariateScreen", "clinical_pipeline", "out_of_fold", "signature",
+           "signature_column"]
+
+
+def signature_column(feature_set: str) -> str:
+    """The combined model's column for an image feature set's signature."""
+    return f"{feature_set}_signature"
+
+
+SIGNATURE = signature_column("dlr")
+# Keeps the signature finite when a model is certain.
+_EPS = 1e-6
+
+
+class UnivariateScreen(TransformerMixin, BaseEstimator):
+    """Keep the variables whose univariate logistic likelihood-ratio p is below a threshold.
+
+    The paper's clinical screening, as a pipeline step so that it is refitted inside every CV
+    fold. When no variable passes, the one with the smallest p is kept (``fallback_``).
+
+    Args:
+        numeric: candidate numeric columns.
+        categorical: candidate categorical columns.
+        p_threshold: selection level; None keeps every candidate.
+        keep: columns always kept, untested (the DLR signature of the combined model).
+        backward_aic: then drop, one at a time, the variable whose removal lowers the AIC
+            of the multivariable logistic model most, until no removal does.
+    """
+
+    def __init__(self, *, numeric: Sequence[str] = (), categorical: Sequence[str] = (),
+                 p_threshold: float | None = 0.05, keep: Sequence[str] = (),
+                 backward_aic: bool = False) -> None:
+        self.numeric = numeric
+        self.categorical = categorical
+        self.p_threshold = p_threshold
+        self.keep = keep
+        self.backward_aic = backward_aic
+
+    def fit(self, X: pd.DataFrame, y: np.ndarray) -> UnivariateScreen:
+        numeric = [c for c in self.numeric if c not in self.keep]
+        categorical = [c for c in self.categorical if c not in self.keep]
+        self.fallback_ = False
+        if self.p_threshold is None or not numeric + categorical:
+            chosen = set(numeric + categorical)
+            self.screen_ = pd.DataFrame(columns=["variable", "p", "selected"])
+        else:
+            self.screen_ = univariate_screen(X, np.asarray(y), numeric=numeric,
+                                             categorical=categorical,
+                                             p_threshold=self.p_threshold)
+            p = self.screen_.groupby("variable", sort=False)["p"].first()
+            chosen = set(p.index[p < self.p_threshold])
+            if not chosen:
+                chosen, self.fallback_ = {p.idxmin()}, True
+        if self.backward_aic:
+            chosen = self._backward(X, np.asarray(y), chosen)
+        self.numeric_ = [c for c in self.numeric if c in chosen or c in self.keep]
+        self.categorical_ = [c for c in self.categorical if c in chosen or c in self.keep]
+        return self
+
+    def _aic(self, X: pd.DataFrame, y: np.ndarray, variables: set[str]) -> float:
+        numeric = [c for c in self.numeric if c in variables or c in self.keep]
+        categorical = [c for c in self.categorical if c in variables or c in self.keep]
+        parts = []
+        if numeric:
+            filled = SimpleImputer(strategy="median").fit_transform(X[numeric])
+            parts.append(StandardScaler().fit_transform(filled))
+        if categorical:
+            filled = SimpleImputer(strategy="most_frequent").fit_transform(X[categorical])
+            parts.append(OneHotEncoder(drop="first", sparse_output=False).fit_transform(filled))
+        design = np.hstack(parts) if parts else np.empty((len(X), 0))
+        beta, loglik = fit_logistic(design, y)
+        return 2 * beta.size - 2 * loglik
+
+    def _backward(self, X: pd.DataFrame, y: np.ndarray, chosen: set[str]) -> set[str]:
+        """Backward elimination by AIC over the screened variables (``keep`` stays)."""
+        current = set(chosen)
+        aic = self._aic(X, y, current)
+        self.aic_path_ = [(sorted(current), aic)]
+        while len(current) > 1:
+            trials = {v: self._aic(X, y, current - {v}) for v in sorted(current)}
+            drop = min(trials, key=trials.get)
+            if trials[drop] >= aic:
+                break
+            current, aic = current - {drop}, trials[drop]
+            self.aic_path_.append((sorted(current), aic))
+        return current
+
+    def transform(self, X: pd.DataFrame) -> pd.DataFrame:
+        return X[self.numeric_ + self.categorical_]
+
+    def get_feature_names_out(self, input_features=None) -> np.ndarray:
+        return np.asarray(self.numeric_ + self.categorical_, dtype=object)
+
+
+def clinical_pipeline(cfg: Mapping[str, Any], *, numeric: Sequence[str],
+                      categorical: Sequence[str], keep: Sequence[str] = ()) -> Pipeline:
+    """Screen → impute (median / most frequent) → scale numeric, one-hot categorical → logistic.
+
+    Args:
+        cfg: ``cfg.clinical`` (``screening_p``, ``estimator``, ``categorical_encoder``).
+        numeric: numeric columns (the DLR signature is one for the combined model).
+        categorical: categorical columns.
+        keep: columns exempt from screening.
+    """
+    if not [*numeric, *categorical]:
+        msg = "the clinical model needs at least one clinical column (dataset.clinical)"
+        raise ValueError(msg)
+    # Columns by dtype: the screen decides per fold which variables reach this step.
+    columns = ColumnTransformer([
+        ("numeric", Pipeline([("impute", SimpleImputer(strategy="median")),
+                              ("scale", StandardScaler())]),
+         make_column_selector(dtype_include="number")),
+        ("categorical", Pipeline([("impute", SimpleImputer(strategy="most_frequent")),
+                                  ("encode", instantiate(cfg["categorical_encoder"]))]),
+         make_column_selector(dtype_exclude="number")),
+    ], verbose_feature_names_out=False)
+    screen = UnivariateScreen(numeric=list(numeric), categorical=list(categorical),
+                              p_threshold=cfg["screening_p"], keep=list(keep),
+                              backward_aic=cfg["backward_aic"])
+    return Pipeline([("screen", screen), ("columns", columns),
+                     ("classifier", instantiate(cfg["estimator"]))])
+
+
+def out_of_fold(model: Pipeline, X: pd.DataFrame, y: np.ndarray, *, folds: int,
+                seed: int) -> np.ndarray:
+    """Cross-validated probabilities on the training data (each fold fitted without itself)."""
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    return cross_val_predict(model, X, y, cv=splitter, method="predict_proba")[:, 1]
+
+
+def signature(proba: np.ndarray) -> np.ndarray:
+    """The DLR signature: the logit of the deep model's probability."""
+    return logit(np.clip(proba, _EPS, 1 - _EPS))

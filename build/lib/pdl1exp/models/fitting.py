@@ -1,0 +1,174 @@
+"""The modelling stage: image feature sets swept by Optuna, clinical and combined models.
+
+Every model is fitted on the training split only; its threshold comes from the training
+split's out-of-fold predictions and the held-out splits are scored once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.base import clone
+
+from pdl1exp.evaluation import delong_ci, youden_threshold
+from pdl1exp.hashing import content_key, frame_digest
+from pdl1exp.models.clinical import clinical_pipeline, out_of_fold, signature, signature_column
+from pdl1exp.models.results import Fitted, ModelResult, split_probas
+from pdl1exp.models.tuning import TuningResult, sweep
+
+__all__ = [
+    "choose_classifier",
+    "combined_table",
+    "fit_feature_sets",
+    "image_models",
+    "logistic_model",
+]
+
+
+def image_models(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.Series,
+                 centers: pd.Series, *, classifiers: Mapping[str, Any],
+                 selection: Mapping[str, Any], tuning: Mapping[str, Any],
+                 study_name: str) -> list[ModelResult]:
+    """Sweep every classifier on one image feature set, refit each on the training split.
+
+    Args:
+        feature_set: ``dlr``, ``radiomics`` or ``dlr+radiomics``.
+        X: the feature set's columns for every patient.
+        y: 0/1 labels.
+        splits: ``train``/``test``/``external`` per patient.
+        centers: center per patient (external splits are reported per center).
+        classifiers: ``cfg.classifier`` as a plain dict.
+        selection: ``cfg.selection`` as a plain dict.
+        tuning: ``cfg.tuning`` as a plain dict.
+        study_name: Optuna study prefix (unique per data and config).
+    """
+    train = splits.index[splits == "train"]
+    results: dict[str, TuningResult] = sweep(
+        X.loc[train], y.loc[train].to_numpy(), classifiers=classifiers, selection_cfg=selection,
+        tuning_cfg=tuning, storage=tuning["storage"], study_name=study_name)
+    models = []
+    for name, result in results.items():
+        model = clone(result.best_pipeline).fit(X.loc[train], y.loc[train].to_numpy())
+        proba = split_probas(model, X, splits, centers)
+        proba["cv"] = result.oof_proba
+        threshold = youden_threshold(y.loc[train], result.oof_proba.loc[train])
+        fold_sd = float(np.std(result.cv_auc_folds, ddof=1))
+        models.append(ModelResult(
+            feature_set, name, result.cv_auc, threshold, proba, result.best_params, model,
+            features=list(X.columns), extra={"trials.csv": result.trials},
+            sweep={"sweep_cv_auc": result.cv_auc, "sweep_cv_auc_fold_sd": fold_sd,
+                   "sweep_n_trials": result.n_trials, "sweep_n_pruned": result.n_pruned}))
+    return models
+
+
+def choose_classifier(models: Sequence[ModelResult]) -> ModelResult:
+    """The classifier of one feature set with the highest tuning CV AUC (never a test metric);
+    ties go to the first."""
+    if not models:
+        msg = "choose_classifier needs at least one model"
+        raise ValueError(msg)
+    return max(models, key=lambda m: m.cv_auc)
+
+
+def logistic_model(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.Series,
+                   centers: pd.Series, *, clinical: Mapping[str, Any], numeric: Sequence[str],
+                   categorical: Sequence[str], keep: Sequence[str] = (), folds: int,
+                   seed: int) -> ModelResult:
+    """The clinical (or combined) logistic model, fitted on the training split.
+
+    Args:
+        feature_set: ``clinical`` or ``combined``.
+        X: clinical columns (plus image signatures for ``combined``).
+        y: 0/1 labels.
+        splits: ``train``/``test``/``external`` per patient.
+        centers: center per patient.
+        clinical: ``cfg.clinical``.
+        numeric: numeric columns.
+        categorical: categorical columns.
+        keep: columns exempt from screening (the image signatures).
+        folds: CV folds for the out-of-fold predictions.
+        seed: CV seed.
+    """
+    train = splits.index[splits == "train"]
+    pipe = clinical_pipeline(clinical, numeric=numeric, categorical=categorical, keep=keep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)  # unseen categories in a fold
+        oof = out_of_fold(pipe, X.loc[train], y.loc[train].to_numpy(), folds=folds, seed=seed)
+        model = clone(pipe).fit(X.loc[train], y.loc[train].to_numpy())
+        proba = split_probas(model, X, splits, centers)
+    proba["cv"] = pd.Series(oof, index=train)
+    cv_auc = delong_ci(y.loc[train], oof)[0]
+    threshold = youden_threshold(y.loc[train], oof)
+    return ModelResult(feature_set, "lr", cv_auc, threshold, proba, {}, model,
+                       features=[*numeric, *categorical])
+
+
+def combined_table(table: pd.DataFrame, chosen: Mapping[str, ModelResult]) -> pd.DataFrame:
+    """The clinical table plus one signature column per chosen image model.
+
+    Training rows get the cross-fitted (out-of-fold) signature, never in-sample scores;
+    held-out rows the refitted model's.
+    """
+    columns = {}
+    for feature_set, model in chosen.items():
+        held_out = [p for s, p in model.proba.items() if s not in ("train", "cv")]
+        proba = pd.concat([model.proba["cv"], *held_out]).loc[table.index]
+        columns[signature_column(feature_set)] = signature(proba.to_numpy())
+    return table.assign(**columns)
+
+
+def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
+                     splits: pd.Series, *, feature_sets: Sequence[str],
+                     combined_signatures: Sequence[str], numeric: Sequence[str],
+                     categorical: Sequence[str], clinical: Mapping[str, Any],
+                     classifiers: Mapping[str, Any], selection: Mapping[str, Any],
+                     tuning: Mapping[str, Any], study_prefix: str, seed: int) -> Fitted:
+    """Fit every configured feature set on the training split.
+
+    Args:
+        table: the cohort table (``label``, ``center``, clinical columns), one row a patient.
+        features: image feature set → its feature table (same index as ``table``).
+        splits: ``train``/``test``/``external`` per patient.
+        feature_sets: the configured feature sets, in order.
+        combined_signatures: image feature sets whose signatures enter ``combined``.
+        numeric: clinical numeric columns.
+        categorical: clinical categorical columns.
+        clinical: ``cfg.clinical``.
+        classifiers: ``cfg.classifier``.
+        selection: ``cfg.selection``.
+        tuning: ``cfg.tuning``.
+        study_prefix: Optuna study names start with it (experiment name).
+        seed: CV seed of the logistic models.
+    """
+    y, centers = table["label"], table["center"]
+    train = splits.index[splits == "train"]
+    logistic = {"clinical": clinical, "folds": tuning["cv_folds"], "seed": seed}
+    fitted = Fitted(models=[])
+    if "clinical" in feature_sets:
+        fitted.models.append(logistic_model("clinical", table, y, splits, centers,
+                                            numeric=numeric, categorical=categorical,
+                                            **logistic))
+    for feature_set in (f for f in feature_sets if f in features):
+        X = features[feature_set]
+        study = content_key({"features": frame_digest(X.loc[train]), "train": sorted(train),
+                             "labels": y.loc[train].tolist(), "selection": selection,
+                             "classifiers": classifiers,
+                             "tuning": {k: v for k, v in tuning.items() if k != "storage"}})
+        models = image_models(feature_set, X, y, splits, centers, classifiers=classifiers,
+                              selection=selection, tuning=tuning,
+                              study_name=f"{study_prefix}/{feature_set}/{study}")
+        fitted.models.extend(models)
+        fitted.chosen[feature_set] = choose_classifier(models)
+    if "combined" in feature_sets:
+        chosen = {f: fitted.chosen[f] for f in combined_signatures}
+        fitted.combined_table = combined_table(table, chosen)
+        signatures = [signature_column(f) for f in chosen]
+        fitted.models.append(logistic_model(
+            "combined", fitted.combined_table, y, splits, centers,
+            numeric=[*numeric, *signatures], categorical=categorical, keep=signatures,
+            **logistic))
+    return fitted

@@ -1,0 +1,393 @@
+"""Optuna sweep of the classifiers by cross-validated ROC AUC on the training data only."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+from hydra.utils import instantiate
+from optuna.trial import TrialState
+from sklearn.base import ClassifierMixin, clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline
+from sqlalchemy.engine import make_url
+
+from pdl1exp.models.classifiers import build_estimator, build_pipeline, suggest_params
+from pdl1exp.models.selection import build_selection
+
+__all__ = [
+    "CVFold",
+    "NestedCVResult",
+    "TuningResult",
+    "nested_cv_auc",
+    "prepare_folds",
+    "select_best",
+    "sweep",
+    "tune_classifier",
+]
+
+logger = logging.getLogger(__name__)
+
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass(frozen=True)
+class CVFold:
+    """One stratified CV split, with the selection steps fitted on its training part only."""
+
+    X_train: pd.DataFrame
+    y_train: np.ndarray
+    X_val: pd.DataFrame
+    y_val: np.ndarray
+    val_index: np.ndarray  # row positions of the validation part in the full table
+
+
+@dataclass
+class TuningResult:
+    """Outcome of one classifier's sweep.
+
+    Attributes:
+        name: classifier name (key of ``cfg.classifier``).
+        best_params: hyperparameters of the best trial.
+        cv_auc: mean validation AUC of the best trial over the CV folds.
+        cv_auc_folds: the per-fold AUCs behind ``cv_auc``.
+        n_trials: finished (complete or pruned) trials in the study, resumed ones included.
+        n_pruned: pruned trials among them.
+        trials: ``study.trials_dataframe()``.
+        best_pipeline: unfitted selection + classifier pipeline with ``best_params``.
+        oof_proba: out-of-fold probabilities of the best params on the same CV splits,
+            indexed like ``X``.
+    """
+
+    name: str
+    best_params: dict[str, Any]
+    cv_auc: float
+    cv_auc_folds: list[float]
+    n_trials: int
+    n_pruned: int
+    trials: pd.DataFrame
+    best_pipeline: Pipeline
+    oof_proba: pd.Series
+
+
+@dataclass
+class NestedCVResult:
+    """Outer-fold AUCs of the whole search (``tuning.protocol=nested``).
+
+    Attributes:
+        fold_aucs: test AUC of each outer fold.
+        oof_proba: pooled outer out-of-fold probabilities, indexed like ``X``.
+        chosen: the classifier the inner sweep selected in each outer fold.
+    """
+
+    fold_aucs: list[float]
+    oof_proba: pd.Series
+    chosen: list[str]
+
+
+def _check_xy(X: pd.DataFrame, y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y)
+    if len(X) != y.shape[0]:
+        msg = f"X has {len(X)} rows but y has {y.shape[0]} labels"
+        raise ValueError(msg)
+    return y
+
+
+def prepare_folds(
+    X: pd.DataFrame,
+    y: np.ndarray,
+    *,
+    selection_cfg: Mapping[str, Any],
+    tuning_cfg: Mapping[str, Any],
+) -> list[CVFold]:
+    """Split ``X`` into stratified folds and fit the selection steps on each training part.
+
+    The selection has no tuned hyperparameters, so fitting it once per fold and reusing it
+    across trials and classifiers gives exactly what refitting the whole pipeline in every
+    fold of every trial would, much faster.
+
+    Args:
+        X: feature table, one row per patient.
+        y: 0/1 labels.
+        selection_cfg: ``cfg.selection``.
+        tuning_cfg: ``cfg.tuning`` (``cv_folds``, ``random_state``).
+    """
+    y = _check_xy(X, y)
+    splitter = StratifiedKFold(
+        tuning_cfg["cv_folds"], shuffle=True, random_state=tuning_cfg["random_state"]
+    )
+    folds = []
+    with _counted_convergence_warnings("feature selection"):
+        for train, val in splitter.split(X, y):
+            selection = Pipeline(build_selection(selection_cfg)).set_output(transform="pandas")
+            X_train = selection.fit_transform(X.iloc[train], y[train])
+            folds.append(CVFold(X_train, y[train], selection.transform(X.iloc[val]), y[val], val))
+    return folds
+
+
+@contextmanager
+def _counted_convergence_warnings(what: str) -> Iterator[None]:
+    """Replace sklearn's per-fit ConvergenceWarnings by one count in the log."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        yield
+    n_convergence = 0
+    for warning in caught:
+        if issubclass(warning.category, ConvergenceWarning):
+            n_convergence += 1
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    if n_convergence:
+        logger.warning("%s: %d fits stopped at max_iter before converging", what, n_convergence)
+
+
+def _fold_proba(estimator: ClassifierMixin, fold: CVFold) -> np.ndarray:
+    """Fit a clone on a fold's selected training features; P(y=1) on its validation part."""
+    model = clone(estimator).fit(fold.X_train, fold.y_train)
+    return model.predict_proba(fold.X_val)[:, 1]
+
+
+def _ensure_sqlite_folder(url: str) -> None:
+    """Create the folder of a ``sqlite:///path`` file; SQLite will not."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _open_study(
+    storage: str | None, study_name: str, tuning_cfg: Mapping[str, Any]
+) -> optuna.Study:
+    """Create the study, or load it to resume after an interruption.
+
+    A study is driven by one process at a time, so RUNNING trials found here belong to a
+    process that died (killed, out of memory): they are marked FAIL, and never count.
+    """
+    if storage is not None:
+        _ensure_sqlite_folder(storage)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        direction="maximize",
+        sampler=instantiate(tuning_cfg["sampler"]),
+        pruner=instantiate(tuning_cfg["pruner"]),
+        load_if_exists=True,
+    )
+    interrupted = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in interrupted:
+        study.tell(trial.number, state=TrialState.FAIL)
+    if interrupted:
+        numbers = [trial.number for trial in interrupted]
+        logger.warning("study %r: interrupted trials %s marked FAIL", study_name, numbers)
+    seed = tuning_cfg["sampler"].get("seed")
+    if study.trials and seed is not None:
+        # Seeded afresh, a resumed sampler would replay the first run's random start-up draws.
+        study.sampler = instantiate(tuning_cfg["sampler"], seed=seed + len(study.trials))
+    return study
+
+
+def tune_classifier(
+    X: pd.DataFrame,
+    y: np.ndarray,
+    *,
+    name: str,
+    spec: Mapping[str, Any],
+    selection_cfg: Mapping[str, Any],
+    tuning_cfg: Mapping[str, Any],
+    storage: str | None,
+    study_name: str,
+    folds: list[CVFold] | None = None,
+) -> TuningResult:
+    """Tune one classifier by its mean stratified K-fold ROC AUC on ``X`` (training data).
+
+    Each trial fits the classifier on every fold's training part (after that fold's own
+    selection) and reports the running mean AUC after each fold to the pruner. A study
+    already in ``storage`` is resumed: its finished trials count toward ``n_trials`` and only
+    the remainder runs; RUNNING trials left by a killed process are marked FAIL. One process
+    at a time drives a study (``tuning.n_jobs`` threads within it).
+
+    Args:
+        X: training feature table, one row per patient.
+        y: 0/1 labels.
+        name: classifier name, for the result and the log.
+        spec: ``cfg.classifier[name]`` (``estimator`` + ``search_space``).
+        selection_cfg: ``cfg.selection``.
+        tuning_cfg: ``cfg.tuning``.
+        storage: Optuna RDB URL such as ``sqlite:///mlruns/optuna.db``; ``None`` = in memory.
+        study_name: unique per (data, config, classifier); the same name resumes.
+        folds: from :func:`prepare_folds` on the same ``X``, ``y``, to share the selection
+            fits between classifiers; computed here when omitted.
+    """
+    y = _check_xy(X, y)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if folds is None:
+        folds = prepare_folds(X, y, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg)
+    study = _open_study(storage, study_name, tuning_cfg)
+
+    def objective(trial: optuna.Trial) -> float:
+        estimator = build_estimator(spec, suggest_params(trial, spec["search_space"]))
+        aucs = []
+        for step, fold in enumerate(folds):
+            aucs.append(float(roc_auc_score(fold.y_val, _fold_proba(estimator, fold))))
+            trial.report(float(np.mean(aucs)), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned
+        trial.set_user_attr("fold_aucs", aucs)
+        return float(np.mean(aucs))
+
+    n_trials = tuning_cfg["n_trials"]
+    remaining = n_trials - len(study.get_trials(deepcopy=False, states=_FINISHED))
+    start = time.perf_counter()
+    with _counted_convergence_warnings(f"tuning {name}"):
+        if remaining > 0:
+            study.optimize(
+                objective,
+                n_trials=remaining,
+                timeout=tuning_cfg["timeout_s"],
+                n_jobs=tuning_cfg["n_jobs"],
+            )
+        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            msg = (
+                f"study {study_name!r} has no complete trial of {name!r}; "
+                "raise tuning.n_trials or tuning.timeout_s"
+            )
+            raise RuntimeError(msg)
+        best = study.best_trial
+        best_estimator = build_estimator(spec, best.params)
+        oof = np.empty(len(y))
+        for fold in folds:
+            oof[fold.val_index] = _fold_proba(best_estimator, fold)
+
+    finished = study.get_trials(deepcopy=False, states=_FINISHED)
+    n_pruned = sum(trial.state == TrialState.PRUNED for trial in finished)
+    logger.info(
+        "%s: cv_auc=%.3f, %d trials (%d pruned), %.1f s",
+        name,
+        best.value,
+        len(finished),
+        n_pruned,
+        time.perf_counter() - start,
+    )
+    return TuningResult(
+        name=name,
+        best_params=dict(best.params),
+        cv_auc=float(best.value),
+        cv_auc_folds=list(best.user_attrs["fold_aucs"]),
+        n_trials=len(finished),
+        n_pruned=n_pruned,
+        trials=study.trials_dataframe(),
+        best_pipeline=build_pipeline(selection_cfg, best_estimator),
+        oof_proba=pd.Series(oof, index=X.index, name=name),
+    )
+
+
+def sweep(
+    X: pd.DataFrame,
+    y: np.ndarray,
+    *,
+    classifiers: Mapping[str, Mapping[str, Any]],
+    selection_cfg: Mapping[str, Any],
+    tuning_cfg: Mapping[str, Any],
+    storage: str | None,
+    study_name: str,
+) -> dict[str, TuningResult]:
+    """Tune every classifier on the same CV folds (selection fitted once per fold).
+
+    Args:
+        X: training feature table.
+        y: 0/1 labels.
+        classifiers: ``cfg.classifier`` (name -> spec).
+        selection_cfg: ``cfg.selection``.
+        tuning_cfg: ``cfg.tuning``.
+        storage: Optuna RDB URL or ``None``.
+        study_name: prefix; each classifier's study is ``<study_name>/<classifier>``.
+    """
+    folds = prepare_folds(X, y, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg)
+    return {
+        name: tune_classifier(
+            X,
+            y,
+            name=name,
+            spec=spec,
+            selection_cfg=selection_cfg,
+            tuning_cfg=tuning_cfg,
+            storage=storage,
+            study_name=f"{study_name}/{name}",
+            folds=folds,
+        )
+        for name, spec in classifiers.items()
+    }
+
+
+def select_best(results: Iterable[TuningResult]) -> TuningResult:
+    """The result with the highest CV AUC (never a test metric); ties go to the first."""
+    results = list(results)
+    if not results:
+        msg = "select_best needs at least one TuningResult"
+        raise ValueError(msg)
+    return max(results, key=lambda result: result.cv_auc)
+
+
+def nested_cv_auc(
+    X: pd.DataFrame,
+    y: np.ndarray,
+    *,
+    classifiers: Mapping[str, Mapping[str, Any]],
+    selection_cfg: Mapping[str, Any],
+    tuning_cfg: Mapping[str, Any],
+    storage: str | None,
+    study_name: str,
+    outer_folds: int | None = None,
+) -> NestedCVResult:
+    """Estimate the whole search's AUC: outer stratified K-fold around :func:`sweep`.
+
+    In each outer fold the classifiers are tuned on the outer training part only, the best
+    by CV AUC is refitted there and scores the outer test part.
+
+    Args:
+        X: feature table.
+        y: 0/1 labels.
+        classifiers: ``cfg.classifier``.
+        selection_cfg: ``cfg.selection``.
+        tuning_cfg: ``cfg.tuning``.
+        storage: Optuna RDB URL or ``None``.
+        study_name: prefix; outer fold ``k`` uses ``<study_name>/outer<k>/<classifier>``.
+        outer_folds: number of outer folds; ``tuning_cfg["outer_folds"]`` when omitted.
+    """
+    y = _check_xy(X, y)
+    splitter = StratifiedKFold(
+        outer_folds or tuning_cfg["outer_folds"],
+        shuffle=True,
+        random_state=tuning_cfg["random_state"],
+    )
+    oof = np.empty(len(y))
+    fold_aucs, chosen = [], []
+    for k, (train, test) in enumerate(splitter.split(X, y)):
+        results = sweep(
+            X.iloc[train],
+            y[train],
+            classifiers=classifiers,
+            selection_cfg=selection_cfg,
+            tuning_cfg=tuning_cfg,
+            storage=storage,
+            study_name=f"{study_name}/outer{k}",
+        )
+        best = select_best(results.values())
+        with _counted_convergence_warnings(f"outer fold {k}"):
+            model = clone(best.best_pipeline).fit(X.iloc[train], y[train])
+        oof[test] = model.predict_proba(X.iloc[test])[:, 1]
+        fold_aucs.append(float(roc_auc_score(y[test], oof[test])))
+        chosen.append(best.name)
+    return NestedCVResult(fold_aucs, pd.Series(oof, index=X.index, name="nested"), chosen)

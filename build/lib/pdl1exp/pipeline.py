@@ -1,0 +1,203 @@
+"""The experiment: cohort → ROIs → image features → split → models → evaluation → MLflow.
+
+This module only wires the stages together, in order, and owns the MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from pdl1exp.data.load import cohort_stage
+from pdl1exp.data.manifest import problems_table
+from pdl1exp.data.splits import assign_splits
+from pdl1exp.features.extract import (
+    DEEP_PREFIX,
+    ROI_DESCRIPTORS,
+    Extraction,
+    extract_features,
+    extractor_identity,
+)
+from pdl1exp.hashing import content_key
+from pdl1exp.imaging.qc import qc_figures
+from pdl1exp.imaging.rois import roi_stage
+from pdl1exp.models.assessment import delong_table, evaluate, selected_features, split_metrics
+from pdl1exp.models.fitting import fit_feature_sets
+from pdl1exp.models.results import Fitted, ModelResult, held_out_frame
+from pdl1exp.models.selected import SelectedModel
+from pdl1exp.reporting import write_outputs
+from pdl1exp.serving import PREDICTIONS_FILE, log_selected_model
+from pdl1exp.tracking import (
+    environment_tags,
+    flatten,
+    log_frame,
+    log_params,
+    pseudonym,
+    pseudonym_key,
+    setup,
+    tracked_run,
+)
+
+__all__ = ["FEATURE_SETS", "run"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_FEATURE_SETS = ("dlr",)
+FEATURE_SETS = ("clinical", *IMAGE_FEATURE_SETS, "combined")
+
+
+def _check_feature_sets(cfg: DictConfig) -> None:
+    sets, signatures = list(cfg.feature_sets), list(cfg.combined_signatures)
+    problems = [f"unknown feature set {s!r}" for s in sets if s not in FEATURE_SETS]
+    if "combined" in sets:
+        problems += [f"combined_signatures names {s!r}, which is not an image feature set "
+                     f"in feature_sets" for s in signatures
+                     if s not in sets or s not in IMAGE_FEATURE_SETS]
+        if not signatures:
+            problems.append("combined needs at least one of combined_signatures")
+    if cfg.evaluation.primary not in sets:
+        problems.append(f"evaluation.primary={cfg.evaluation.primary!r} is not in feature_sets")
+    if problems:
+        msg = (f"feature_sets {sets} (drawn from {FEATURE_SETS}): " + "; ".join(problems))
+        raise ValueError(msg)
+
+
+def _log_qc(cfg: DictConfig, rois: pd.DataFrame) -> None:
+    """QC figures of the ROIs as ``qc/<patient>.png`` (pseudonymised on request)."""
+    key = pseudonym_key(Path(cfg.paths.cache_dir)) if cfg.tracking.pseudonymise else None
+    with tempfile.TemporaryDirectory() as folder:
+        if qc_figures(rois, folder, which=cfg.tracking.qc,
+                      window=(cfg.preprocess.window_width, cfg.preprocess.window_level),
+                      name=(lambda pid: pseudonym(pid, key)) if key else str,
+                      n_jobs=cfg.tracking.qc_jobs):
+            mlflow.log_artifacts(folder, "qc")
+
+
+def _deep_features(cfg: DictConfig, rois: pd.DataFrame, y: pd.Series,
+                   splits: pd.Series) -> Extraction:
+    """The deep-feature stage (fine-tuning, when enabled, sees the training patients only)."""
+    extraction = extract_features(rois, preprocess=cfg.preprocess, roi=cfg.roi,
+                                  backbone=cfg.backbone, seed=cfg.seed,
+                                  cache_dir=Path(cfg.paths.cache_dir) / "features",
+                                  train_labels=y[splits == "train"])
+    mlflow.set_tags({"backbone_weights": extraction.weights_tag,
+                     "feature_cache": "hit" if extraction.cache_hit else "miss",
+                     "feature_cache_key": extraction.key, "precision": extraction.precision})
+    if extraction.finetune:
+        mlflow.log_dict(extraction.finetune, "finetune.json")
+    return extraction
+
+
+def _log_child(result: ModelResult, metrics: pd.DataFrame, tags: dict[str, str]) -> None:
+    with tracked_run(result.name, nested=True, tags={**tags, "feature_set": result.feature_set,
+                                                    "classifier": result.classifier}):
+        log_params({"classifier": result.classifier, "feature_set": result.feature_set,
+                    "threshold": result.threshold, **result.params})
+        mlflow.log_metrics({**split_metrics(metrics), **result.sweep})
+        for name, frame in result.extra.items():
+            log_frame(frame, name)
+
+
+def _selected_model(primary: ModelResult, fitted: Fitted, cohort_clinical: list[str],
+                    signatures: list[str]) -> SelectedModel:
+    """The primary model as one estimator from the feature table to a probability."""
+    if primary.feature_set == "combined":
+        image = {f: fitted.chosen[f] for f in signatures}
+    elif primary.feature_set == "clinical":
+        image = {}
+    else:
+        image = {primary.feature_set: primary}
+    model = SelectedModel(
+        feature_set=primary.feature_set, threshold=primary.threshold,
+        image={f: m.model for f, m in image.items()},
+        image_features={f: m.features for f, m in image.items()},
+        clinical=primary.model if primary.feature_set in ("clinical", "combined") else None,
+        clinical_features=cohort_clinical)
+    return model.fit(None)
+
+
+def _run_folder() -> Path:
+    """Hydra's run folder when running under Hydra, else a fresh temporary folder."""
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path(tempfile.mkdtemp(prefix="pdl1exp-"))
+
+
+def _plain(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.to_container(cfg[key], resolve=True)
+
+
+def run(cfg: DictConfig) -> float:
+    """Run one experiment; return the primary model's training CV AUC."""
+    logging.getLogger("pdl1exp").setLevel(cfg.log_level)
+    _check_feature_sets(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    setup(cfg.tracking.uri, cfg.tracking.experiment)
+    tags = {**environment_tags(), "config_hash": content_key(resolved), "experiment": cfg.name}
+    with tracked_run(cfg.name, tags=tags):
+        log_params(flatten(resolved))
+        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        cohort = cohort_stage(cfg)
+        mlflow.set_tag("data_hash", cohort.data_hash)
+        rois, roi_problems = roi_stage(cfg, cohort)
+        problems = cohort.problems + roi_problems
+        if problems:
+            log_frame(problems_table(problems), "excluded_patients.csv")
+        _log_qc(cfg, rois)
+        table = cohort.table.loc[rois.index].join(rois[list(ROI_DESCRIPTORS)])
+        y = table["label"]
+        splits = assign_splits(table, test_size=cfg.dataset.test_size, seed=cfg.seed)
+        log_frame(pd.DataFrame({"split": splits, "label": y}), "splits.csv", index=True)
+        mlflow.log_metrics({f"n_{s}": int((splits == s).sum()) for s in splits.unique()})
+
+        features: dict[str, pd.DataFrame] = {}
+        extraction = None
+        if "dlr" in cfg.feature_sets:
+            extraction = _deep_features(cfg, rois, y, splits)
+            features["dlr"] = extraction.table.loc[rois.index].filter(like=DEEP_PREFIX, axis=1)
+        fitted = fit_feature_sets(
+            table, features, splits, feature_sets=list(cfg.feature_sets),
+            combined_signatures=list(cfg.combined_signatures), numeric=cohort.numeric,
+            categorical=cohort.categorical, clinical=_plain(cfg, "clinical"),
+            classifiers=_plain(cfg, "classifier"), selection=_plain(cfg, "selection"),
+            tuning=_plain(cfg, "tuning"), study_prefix=cfg.name, seed=cfg.seed)
+        ev = cfg.evaluation
+        metrics = pd.concat([evaluate(m, y, n_boot=ev.n_boot, level=ev.level, seed=cfg.seed)
+                             for m in fitted.models], ignore_index=True)
+        log_frame(metrics, "metrics.csv")
+        delong = delong_table(fitted.models, y)
+        log_frame(delong, "delong_tests.csv")
+        for model in fitted.models:
+            rows = metrics[(metrics.feature_set == model.feature_set)
+                           & (metrics.classifier == model.classifier)]
+            _log_child(model, rows, tags)
+        primary = fitted.primary(ev.primary)
+        rows = metrics[(metrics.feature_set == primary.feature_set)
+                       & (metrics.classifier == primary.classifier)]
+        mlflow.log_metrics(split_metrics(rows))
+        mlflow.set_tags({"best_feature_set": primary.feature_set,
+                         "best_classifier": primary.classifier})
+        if fitted.chosen:
+            first = fitted.chosen.get(primary.feature_set) or next(iter(fitted.chosen.values()))
+            log_frame(selected_features(first.model), "selected_features.csv")
+        write_outputs(cfg, cohort=cohort, table=table, splits=splits, fitted=fitted,
+                      primary=primary, metrics=metrics, delong=delong,
+                      versions={**tags, "data_hash": cohort.data_hash}, folder=_run_folder())
+        selected = _selected_model(primary, fitted, cohort.clinical,
+                                   list(cfg.combined_signatures))
+        log_frame(held_out_frame(primary, y), PREDICTIONS_FILE)
+        inputs = table.join(pd.concat(features.values(), axis=1)) if features else table
+        log_selected_model(selected, example=inputs.loc[splits == "train"],
+                           extractor=extractor_identity(cfg, extraction) if extraction else {},
+                           registered_model=cfg.tracking.registered_model)
+        log.info("Primary model %s: training CV AUC %.3f; metrics in MLflow run %s",
+                 primary.name, primary.cv_auc, mlflow.active_run().info.run_id)
+        return float(primary.cv_auc)
