@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.image import imread
-from sklearn.metrics import roc_curve
 
 from pdl1exp.evaluation import net_benefit, net_benefit_treat_all
 from pdl1exp.evaluation.figures import (
@@ -17,12 +16,10 @@ from pdl1exp.evaluation.figures import (
     decision_curves,
     importance_figure,
     lasso_path_figure,
-    nice_ticks,
-    roc_band,
     roc_figure,
-    roc_points,
 )
-from pdl1exp.evaluation.statistics import _resample_indices
+from pdl1exp.evaluation.nomogram import axis_ticks
+from pdl1exp.evaluation.statistics import _resample_indices, roc_band
 
 DPI = 60
 GRID = np.linspace(0, 1, 51)
@@ -51,14 +48,6 @@ def png_size(path: Path) -> tuple[int, int]:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     height, width = imread(path).shape[:2]
     return width, height
-
-
-def test_roc_points_match_sklearn(curves) -> None:
-    y, prob = curves["DLR"]
-    fpr, tpr = roc_points(y, prob)
-    expected_fpr, expected_tpr, _ = roc_curve(y, prob, drop_intermediate=False)
-    np.testing.assert_allclose(fpr, expected_fpr)
-    np.testing.assert_allclose(tpr, expected_tpr)
 
 
 def test_roc_band_estimate_is_the_roc_staircase_and_inside_the_band(curves) -> None:
@@ -117,14 +106,14 @@ def test_roc_figure_written_at_requested_dpi(curves, tmp_path: Path) -> None:
     assert width == height  # square canvas for the equal-aspect ROC axes
     assert width >= 5 * DPI
     with pytest.raises(ValueError, match="band_for"):
-        roc_figure(curves, tmp_path / "x.png", title="", band_for="nope", n_boot=10,
+        roc_figure(curves, tmp_path / "x.png", title="", band_for="nope", n_boot=10, dpi=DPI,
                    level=0.95, seed=0)
 
 
-def test_roc_figure_publication_dpi(curves, tmp_path: Path) -> None:
+def test_roc_figure_at_print_dpi(curves, tmp_path: Path) -> None:
     path = roc_figure(curves, tmp_path / "sub" / "roc.png", title="", band_for=None,
-                      n_boot=10, level=0.95, seed=0)
-    assert min(png_size(path)) >= 1500  # 300 dpi by default
+                      n_boot=10, level=0.95, seed=0, dpi=300)
+    assert min(png_size(path)) >= 1500  # 5.5 in at 300 dpi
 
 
 def test_calibration_figure_handles_constant_predictions(curves, tmp_path: Path) -> None:
@@ -158,7 +147,7 @@ def test_lasso_path_figure_written(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="coef_path"):
         lasso_path_figure(lambdas=lambdas, coef_path=path_[:, :3], chosen_lambda=0.1,
                           cv_curve=cv, feature_names=list("abcdef"), path=tmp_path / "x.png",
-                          max_labels=2)
+                          max_labels=2, dpi=DPI)
 
 
 def test_importance_figure_grows_with_features(tmp_path: Path) -> None:
@@ -169,13 +158,15 @@ def test_importance_figure_grows_with_features(tmp_path: Path) -> None:
     many = importance_figure(importance, tmp_path / "many.png", title="Top", top=30, dpi=DPI)
     assert png_size(many)[1] > png_size(few)[1]
     with pytest.raises(ValueError, match="at least one"):
-        importance_figure(pd.Series(dtype=float), tmp_path / "none.png", title="", top=5)
+        importance_figure(pd.Series(dtype=float), tmp_path / "none.png", title="", top=5,
+                          dpi=DPI)
 
 
 @pytest.mark.parametrize(
     ("low", "high", "n", "expected"),
     [(0, 100, 11, np.arange(0, 101, 10)), (43, 81, 5, [50, 60, 70, 80]),
-     (0.12, 0.5, 4, [0.2, 0.3, 0.4, 0.5]), (3, 3, 5, [3])],
+     (0.12, 0.5, 5, [0.2, 0.3, 0.4, 0.5]), (3, 3, 5, [3])],
 )
-def test_nice_ticks(low: float, high: float, n: int, expected) -> None:
-    np.testing.assert_allclose(nice_ticks(low, high, n=n), expected)
+def test_axis_ticks_are_round_and_inside_the_range(low: float, high: float, n: int,
+                                                   expected) -> None:
+    np.testing.assert_allclose(axis_ticks(low, high, n=n), expected)

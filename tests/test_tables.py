@@ -9,16 +9,9 @@ from scipy import stats
 from scipy.special import expit
 
 from pdl1exp.evaluation import METRICS
-from pdl1exp.evaluation.tables import (
-    baseline_table,
-    format_p,
-    logistic_terms,
-    metrics_numeric,
-    metrics_table,
-    odds_ratio_table,
-    univariate_screen,
-)
+from pdl1exp.evaluation.tables import baseline_table, format_p, metrics_numeric, metrics_table
 from pdl1exp.models.clinical import clinical_pipeline
+from pdl1exp.models.logistic import logistic_terms, odds_ratio_table, univariate_screen
 
 NUMERIC, CATEGORICAL = ["age", "size_mm"], ["sex", "histology"]
 # Unpenalised logistic model, so the reference MLE below is the same fit.

@@ -22,8 +22,9 @@ from pdl1exp.evaluation.figures import (
     roc_figure,
 )
 from pdl1exp.evaluation.report import ReportSection, write_report
-from pdl1exp.evaluation.tables import baseline_table, metrics_table, odds_ratio_table
+from pdl1exp.evaluation.tables import baseline_table, metrics_table
 from pdl1exp.features.extract import ROI_DESCRIPTORS
+from pdl1exp.models.logistic import odds_ratio_table
 from pdl1exp.models.nomogram import build_nomogram
 from pdl1exp.models.results import Fitted, ModelResult
 

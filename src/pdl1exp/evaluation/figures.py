@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib as mpl
@@ -12,41 +11,34 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from numpy.typing import ArrayLike, NDArray
-from scipy.special import expit, logit
+from numpy.typing import ArrayLike
+from sklearn.metrics import roc_curve
 
+from pdl1exp.evaluation.nomogram import Nomogram, axis_ticks
 from pdl1exp.evaluation.statistics import (
-    _grouped_counts,
-    _identity,
-    _resample_indices,
-    _validate,
+    check_scores,
     delong_ci,
     hosmer_lemeshow,
     metric_value,
     net_benefit,
     net_benefit_treat_all,
+    roc_band,
 )
 
 __all__ = [
     "Curve",
-    "Nomogram",
-    "NomogramTerm",
     "calibration_figure",
     "decision_curve_figure",
     "decision_curves",
     "importance_figure",
     "lasso_path_figure",
-    "nice_ticks",
     "nomogram_figure",
-    "roc_band",
     "roc_figure",
-    "roc_points",
 ]
 
 Curve = tuple[np.ndarray, np.ndarray]
 """``(y_true, y_prob)`` of one model on one split."""
 
-DPI = 300
 # Fonts stay readable when a figure is shrunk to one journal column.
 _STYLE = {
     "font.size": 10,
@@ -78,65 +70,6 @@ _LABEL_GAP = 0.04
 _POINTS_TICKS = 11
 
 
-@dataclass(frozen=True)
-class NomogramTerm:
-    """One variable's nomogram axis.
-
-    Args:
-        name: the variable.
-        values: tick values: raw values (numeric) or levels (categorical).
-        points: points scored at each tick value.
-        max_points: points at the far end of the variable's observed range (the axis length).
-        zero_logit: linear-predictor contribution that scores 0 points (the lowest observed).
-    """
-
-    name: str
-    values: tuple[float | str, ...]
-    points: tuple[float, ...]
-    max_points: float
-    zero_logit: float
-
-
-@dataclass(frozen=True)
-class Nomogram:
-    """A logistic model drawn as points: ``logit(p) = logit_at_zero + total / points_per_logit``.
-
-    Args:
-        terms: one axis per variable.
-        points_max: points of the variable with the widest contribution range.
-        points_per_logit: points per unit of the linear predictor.
-        logit_at_zero: linear predictor of a patient scoring 0 points on every axis.
-    """
-
-    terms: tuple[NomogramTerm, ...]
-    points_max: float
-    points_per_logit: float
-    logit_at_zero: float
-
-    @property
-    def total_max(self) -> float:
-        """The largest total a patient within the observed ranges can score."""
-        return float(sum(term.max_points for term in self.terms))
-
-    def predict_from_points(self, total_points: ArrayLike) -> np.ndarray:
-        """Predicted probability of a total score.
-
-        Args:
-            total_points: sums of the points read off every axis.
-        """
-        total = np.asarray(total_points, dtype=float)
-        return expit(self.logit_at_zero + total / self.points_per_logit)
-
-    def points_for_probability(self, probability: ArrayLike) -> np.ndarray:
-        """Total score giving a probability (inverse of :meth:`predict_from_points`).
-
-        Args:
-            probability: probabilities in (0, 1).
-        """
-        p = np.asarray(probability, dtype=float)
-        return (logit(p) - self.logit_at_zero) * self.points_per_logit
-
-
 # ---------------------------------------------------------------------------------------------
 # helpers
 
@@ -166,83 +99,6 @@ def _check_curves(curves: Mapping[str, Curve]) -> None:
         raise ValueError(msg)
 
 
-def _sensitivity_at(
-    y: NDArray[np.bool_], score: np.ndarray, idx: NDArray[np.intp], specificities: np.ndarray
-) -> np.ndarray:
-    """Best sensitivity at each specificity, per row of the resample matrix ``idx``.
-
-    With ``k = ceil(sp * n_neg)`` negatives required below the cut-off, the best cut-off
-    lies just above the k-th smallest negative: the ROC's upper staircase.
-    """
-    _, pos, neg = _grouped_counts(y, score, idx)
-    rows, d = neg.shape
-    n_neg, n_pos = neg[0].sum(), pos[0].sum()
-    neg_below = np.cumsum(neg, axis=1)  # negatives at or below each distinct score
-    pos_below = np.concatenate([np.zeros((rows, 1), dtype=int), np.cumsum(pos, axis=1)], axis=1)
-    # Small tolerance so sp * n_neg landing on an integer is not pushed up by rounding.
-    k = np.ceil(specificities * n_neg - 1e-9).astype(int)
-    # Rows are non-decreasing in [0, n_neg]: offsetting each row makes one sorted vector, so
-    # every (row, specificity) is found with a single searchsorted.
-    offset = np.arange(rows)[:, None] * (n_neg + 1)
-    first = np.searchsorted((neg_below + offset).ravel(), (k[None, :] + offset).ravel())
-    j = first.reshape(rows, -1) - np.arange(rows)[:, None] * d
-    # j = index of the k-th smallest negative; positives strictly above it are detected.
-    above = n_pos - np.take_along_axis(pos_below, j + 1, axis=1)
-    return np.where(k[None, :] == 0, n_pos, above) / n_pos
-
-
-def roc_points(y_true: ArrayLike, y_score: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Empirical ROC curve ``(fpr, tpr)`` from ``(0, 0)`` to ``(1, 1)``, one point per cut-off.
-
-    Args:
-        y_true: 0/1 labels.
-        y_score: scores, higher = more likely positive.
-    """
-    y, (s,) = _validate(y_true, y_score, names=("y_score",))
-    _, pos, neg = _grouped_counts(y, s, _identity(y.size))
-    # Cut-offs from above every score down to the lowest: cumulative counts from the top.
-    tpr = np.concatenate([[0], np.cumsum(pos[0][::-1])]) / pos[0].sum()
-    fpr = np.concatenate([[0], np.cumsum(neg[0][::-1])]) / neg[0].sum()
-    return fpr, tpr
-
-
-def roc_band(
-    y_true: ArrayLike,
-    y_score: ArrayLike,
-    *,
-    specificities: ArrayLike,
-    n_boot: int,
-    level: float,
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pointwise bootstrap band of sensitivity over a specificity grid (as pROC ``ci.se``).
-
-    Positives and negatives are resampled separately (stratified); all resamples are evaluated
-    at once. Returns ``(sensitivity, lower, upper)``, each the size of ``specificities``.
-
-    Args:
-        y_true: 0/1 labels.
-        y_score: scores, higher = more likely positive.
-        specificities: grid in [0, 1].
-        n_boot: bootstrap resamples.
-        level: confidence level of each pointwise interval.
-        seed: resampling seed.
-    """
-    y, (s,) = _validate(y_true, y_score, names=("y_score",))
-    grid = np.asarray(specificities, dtype=float)
-    if grid.ndim != 1 or ((grid < 0) | (grid > 1)).any():
-        msg = f"specificities must be a 1-D grid in [0, 1], got {specificities!r}"
-        raise ValueError(msg)
-    if not 0 < level < 1 or n_boot < 1:
-        msg = f"roc_band needs 0 < level < 1 and n_boot >= 1, got {level}, {n_boot}"
-        raise ValueError(msg)
-    estimate = _sensitivity_at(y, s, _identity(y.size), grid)[0]
-    idx = _resample_indices(y, n_boot, np.random.default_rng(seed), stratified=True)
-    boot = _sensitivity_at(y, s, idx, grid)
-    lower, upper = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0)
-    return estimate, lower, upper
-
-
 def _quantile_bins(p: np.ndarray, groups: int) -> np.ndarray:
     """Bin index of each probability, cut at its quantiles (ties merge bins)."""
     breaks = np.unique(np.quantile(p, np.linspace(0, 1, groups + 1)))
@@ -267,7 +123,7 @@ def roc_figure(
     n_boot: int,
     level: float,
     seed: int,
-    dpi: int = DPI,
+    dpi: int,
 ) -> Path:
     """ROC curves of several models; legend with AUC and DeLong CI; bootstrap band for one.
 
@@ -291,7 +147,7 @@ def roc_figure(
         ax.plot([0, 1], [0, 1], ls="--", lw=1, color=_MUTED, label="Chance")
         for (name, (y, prob)), color in zip(curves.items(), _colors(len(curves)), strict=True):
             auc, lower, upper = delong_ci(y, prob, level=level)
-            fpr, tpr = roc_points(y, prob)
+            fpr, tpr, _ = roc_curve(y, prob, drop_intermediate=False)
             label = f"{name} AUC {auc:.2f} ({lower:.2f}–{upper:.2f})"
             ax.plot(fpr, tpr, lw=1.8, color=color, label=label)
             if name == band_for:
@@ -312,7 +168,7 @@ def calibration_figure(
     *,
     groups: int,
     title: str,
-    dpi: int = DPI,
+    dpi: int,
 ) -> Path:
     """Reliability curves (quantile bins of predicted probability) over a prediction histogram.
 
@@ -331,7 +187,7 @@ def calibration_figure(
         bins = np.linspace(0, 1, _HISTOGRAM_BINS + 1)
         for (name, (y_true, prob)), color in zip(curves.items(), _colors(len(curves)),
                                                  strict=True):
-            y, (p,) = _validate(y_true, prob, names=(name,), probability=True)
+            y, (p,) = check_scores(y_true, prob, names=(name,), probability=True)
             y = y.astype(float)
             group = _quantile_bins(p, groups)
             size = np.bincount(group)
@@ -378,7 +234,7 @@ def decision_curve_figure(
     *,
     thresholds: ArrayLike,
     title: str,
-    dpi: int = DPI,
+    dpi: int,
 ) -> Path:
     """Decision curves: net benefit of every model, treat-all and treat-none.
 
@@ -414,7 +270,7 @@ def lasso_path_figure(
     feature_names: ArrayLike,
     path: str | Path,
     max_labels: int,
-    dpi: int = DPI,
+    dpi: int,
 ) -> Path:
     """Two panels: coefficient paths vs log(λ) and the cross-validated score vs log(λ).
 
@@ -469,7 +325,7 @@ def lasso_path_figure(
 
 
 def importance_figure(
-    importance: pd.Series, path: str | Path, *, title: str, top: int, dpi: int = DPI
+    importance: pd.Series, path: str | Path, *, title: str, top: int, dpi: int
 ) -> Path:
     """Horizontal bars of the ``top`` features by absolute value, largest at the top.
 
@@ -511,25 +367,7 @@ def _axis(ax: Axes, y: float, *, label: str, positions: np.ndarray, ticks: list[
                 va="top" if below else "bottom", fontsize=8)
 
 
-def nice_ticks(low: float, high: float, *, n: int) -> np.ndarray:
-    """About ``n`` round values (1, 2 or 5 × 10^k apart) within ``[low, high]``.
-
-    Args:
-        low: smallest value of the axis.
-        high: largest value of the axis.
-        n: wanted number of ticks (at least 2).
-    """
-    if high <= low:
-        return np.array([low])
-    raw = (high - low) / max(n - 1, 1)
-    magnitude = 10.0 ** np.floor(np.log10(raw))
-    step = min((m * magnitude for m in (1, 2, 5, 10)), key=lambda c: abs(np.log(c / raw)))
-    ticks = np.arange(np.ceil(low / step), np.floor(high / step) + 1) * step
-    # Rounding away the float noise of k * step keeps tick labels short.
-    return np.round(ticks, decimals=max(0, int(-np.floor(np.log10(step)))))
-
-
-def nomogram_figure(nomogram: Nomogram, path: str | Path, *, dpi: int = DPI) -> Path:
+def nomogram_figure(nomogram: Nomogram, path: str | Path, *, dpi: int) -> Path:
     """The classic nomogram: points, one axis per variable, total points, probability.
 
     Variable axes share the points scale (0 to ``points_max``); the total-points and
@@ -547,7 +385,7 @@ def nomogram_figure(nomogram: Nomogram, path: str | Path, *, dpi: int = DPI) -> 
                  dpi=dpi) as fig:
         ax = fig.subplots()
         ax.set_axis_off()
-        points = nice_ticks(0, nomogram.points_max, n=_POINTS_TICKS)
+        points = axis_ticks(0, nomogram.points_max, n=_POINTS_TICKS)
         _axis(ax, 0, label="Points", positions=points / nomogram.points_max,
               ticks=[f"{v:g}" for v in points], span=(0, 1))
         for row, term in enumerate(nomogram.terms, start=1):
@@ -555,7 +393,7 @@ def nomogram_figure(nomogram: Nomogram, path: str | Path, *, dpi: int = DPI) -> 
             _axis(ax, -row, label=term.name, span=(0, term.max_points / nomogram.points_max),
                   positions=np.asarray(term.points) / nomogram.points_max, ticks=ticks)
         row = len(nomogram.terms) + 1
-        totals = nice_ticks(0, total_max, n=_POINTS_TICKS)
+        totals = axis_ticks(0, total_max, n=_POINTS_TICKS)
         _axis(ax, -row, label="Total points", positions=totals / total_max,
               ticks=[f"{v:g}" for v in totals], span=(0, 1))
         at = nomogram.points_for_probability(_PROBABILITY_TICKS)

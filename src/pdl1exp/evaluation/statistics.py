@@ -15,12 +15,14 @@ __all__ = [
     "BootstrapCI",
     "bootstrap_ci",
     "bootstrap_cis",
+    "check_scores",
     "delong_ci",
     "delong_test",
     "hosmer_lemeshow",
     "metric_value",
     "net_benefit",
     "net_benefit_treat_all",
+    "roc_band",
     "youden_threshold",
 ]
 
@@ -63,7 +65,7 @@ class BootstrapCI(tuple):
 # validation
 
 
-def _validate(
+def check_scores(
     y_true: ArrayLike, *scores: ArrayLike, names: tuple[str, ...], probability: bool = False
 ) -> tuple[NDArray[np.bool_], list[FloatArray]]:
     """Binary labels as bool, scores as float; ValueError naming what is wrong."""
@@ -238,7 +240,7 @@ def metric_value(
         threshold: decision cut-off for the threshold metrics (positive when score >= it).
     """
     _check_metric(metric, threshold)
-    y, (s,) = _validate(y_true, y_score, names=("y_score",), probability=metric == "brier")
+    y, (s,) = check_scores(y_true, y_score, names=("y_score",), probability=metric == "brier")
     return float(_metric_rows(metric, y, s, _identity(y.size), threshold)[0])
 
 
@@ -306,7 +308,7 @@ def bootstrap_cis(
     if n_boot < 1:
         msg = f"n_boot must be >= 1, got {n_boot}"
         raise ValueError(msg)
-    y, (s,) = _validate(y_true, y_score, names=("y_score",), probability="brier" in metrics)
+    y, (s,) = check_scores(y_true, y_score, names=("y_score",), probability="brier" in metrics)
     idx = _resample_indices(y, n_boot, np.random.default_rng(seed), stratified=stratified)
     return [_percentile_interval(metric, y, s, idx, threshold, level) for metric in metrics]
 
@@ -387,7 +389,7 @@ def delong_ci(
         level: confidence level of the two-sided interval.
     """
     level = _check_level(level)
-    y, scores = _validate(y_true, y_score, names=("y_score",))
+    y, scores = check_scores(y_true, y_score, names=("y_score",))
     if not _delong_defined(y, "delong_ci"):
         return float(_metric_rows("auc", y, scores[0], _identity(y.size), None)[0]), np.nan, np.nan
     theta, cov = _delong(y, scores)
@@ -406,7 +408,7 @@ def delong_test(y_true: ArrayLike, score_a: ArrayLike, score_b: ArrayLike) -> tu
         score_a: scores of the first model on the same cases.
         score_b: scores of the second model.
     """
-    y, scores = _validate(y_true, score_a, score_b, names=("score_a", "score_b"))
+    y, scores = check_scores(y_true, score_a, score_b, names=("score_a", "score_b"))
     if not _delong_defined(y, "delong_test"):
         return np.nan, np.nan
     theta, cov = _delong(y, scores)
@@ -432,7 +434,7 @@ def youden_threshold(y_true: ArrayLike, y_score: ArrayLike) -> float:
         y_true: 0/1 labels.
         y_score: scores, higher = more likely positive.
     """
-    y, (s,) = _validate(y_true, y_score, names=("y_score",))
+    y, (s,) = check_scores(y_true, y_score, names=("y_score",))
     values, pos, neg = _sample_counts(y, s)
     n_pos, n_neg = pos.sum(), neg.sum()
     # Candidate k predicts positive for scores >= values[k] (k = len(values): none).
@@ -465,7 +467,7 @@ def hosmer_lemeshow(y_true: ArrayLike, y_prob: ArrayLike, groups: int = 10) -> t
     if groups < 3:
         msg = f"groups must be >= 3 (df = groups - 2), got {groups}"
         raise ValueError(msg)
-    y, (p,) = _validate(y_true, y_prob, names=("y_prob",), probability=True)
+    y, (p,) = check_scores(y_true, y_prob, names=("y_prob",), probability=True)
     # R's seq(0, 1, by = 1/g) is from + (0:g) * by, capped at 1: same rounding here.
     probs = np.minimum(np.arange(groups + 1) * (1.0 / groups), 1.0)
     breaks = np.unique(np.quantile(p, probs))
@@ -500,7 +502,7 @@ def net_benefit(y_true: ArrayLike, y_prob: ArrayLike, thresholds: ArrayLike) -> 
         thresholds: threshold probabilities ``pt`` in [0, 1).
     """
     pt = _check_thresholds(thresholds)
-    y, (p,) = _validate(y_true, y_prob, names=("y_prob",), probability=True)
+    y, (p,) = check_scores(y_true, y_prob, names=("y_prob",), probability=True)
     values, pos, neg = _sample_counts(y, p)
     cut = np.searchsorted(values, pt, side="left")
     tp, fp = _at_or_above(pos[0])[cut], _at_or_above(neg[0])[cut]
@@ -515,3 +517,69 @@ def net_benefit_treat_all(y_true: ArrayLike, thresholds: ArrayLike) -> FloatArra
         thresholds: threshold probabilities ``pt`` in [0, 1).
     """
     return net_benefit(y_true, np.ones(np.shape(y_true)), thresholds)
+
+
+# ---------------------------------------------------------------------------------------------
+# ROC band
+
+
+def _sensitivity_at(
+    y: NDArray[np.bool_], score: np.ndarray, idx: NDArray[np.intp], specificities: np.ndarray
+) -> np.ndarray:
+    """Best sensitivity at each specificity, per row of the resample matrix ``idx``.
+
+    With ``k = ceil(sp * n_neg)`` negatives required below the cut-off, the best cut-off
+    lies just above the k-th smallest negative: the ROC's upper staircase.
+    """
+    _, pos, neg = _grouped_counts(y, score, idx)
+    rows, d = neg.shape
+    n_neg, n_pos = neg[0].sum(), pos[0].sum()
+    neg_below = np.cumsum(neg, axis=1)  # negatives at or below each distinct score
+    pos_below = np.concatenate([np.zeros((rows, 1), dtype=int), np.cumsum(pos, axis=1)], axis=1)
+    # Small tolerance so sp * n_neg landing on an integer is not pushed up by rounding.
+    k = np.ceil(specificities * n_neg - 1e-9).astype(int)
+    # Rows are non-decreasing in [0, n_neg]: offsetting each row makes one sorted vector, so
+    # every (row, specificity) is found with a single searchsorted.
+    offset = np.arange(rows)[:, None] * (n_neg + 1)
+    first = np.searchsorted((neg_below + offset).ravel(), (k[None, :] + offset).ravel())
+    j = first.reshape(rows, -1) - np.arange(rows)[:, None] * d
+    # j = index of the k-th smallest negative; positives strictly above it are detected.
+    above = n_pos - np.take_along_axis(pos_below, j + 1, axis=1)
+    return np.where(k[None, :] == 0, n_pos, above) / n_pos
+
+
+def roc_band(
+    y_true: ArrayLike,
+    y_score: ArrayLike,
+    *,
+    specificities: ArrayLike,
+    n_boot: int,
+    level: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pointwise bootstrap band of sensitivity over a specificity grid (as pROC ``ci.se``).
+
+    Positives and negatives are resampled separately (stratified); all resamples are evaluated
+    at once. Returns ``(sensitivity, lower, upper)``, each the size of ``specificities``.
+
+    Args:
+        y_true: 0/1 labels.
+        y_score: scores, higher = more likely positive.
+        specificities: grid in [0, 1].
+        n_boot: bootstrap resamples.
+        level: confidence level of each pointwise interval.
+        seed: resampling seed.
+    """
+    y, (s,) = check_scores(y_true, y_score, names=("y_score",))
+    grid = np.asarray(specificities, dtype=float)
+    if grid.ndim != 1 or ((grid < 0) | (grid > 1)).any():
+        msg = f"specificities must be a 1-D grid in [0, 1], got {specificities!r}"
+        raise ValueError(msg)
+    if not 0 < level < 1 or n_boot < 1:
+        msg = f"roc_band needs 0 < level < 1 and n_boot >= 1, got {level}, {n_boot}"
+        raise ValueError(msg)
+    estimate = _sensitivity_at(y, s, _identity(y.size), grid)[0]
+    idx = _resample_indices(y, n_boot, np.random.default_rng(seed), stratified=True)
+    boot = _sensitivity_at(y, s, idx, grid)
+    lower, upper = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return estimate, lower, upper

@@ -16,7 +16,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from pdl1exp.evaluation.tables import fit_logistic, univariate_screen
+from pdl1exp.models.logistic import fit_logistic, univariate_screen
 
 __all__ = ["SIGNATURE", "UnivariateScreen", "clinical_pipeline", "out_of_fold", "signature",
            "signature_column"]

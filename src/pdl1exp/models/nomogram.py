@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 from sklearn.pipeline import Pipeline
 
-from pdl1exp.evaluation.figures import Nomogram, NomogramTerm, nice_ticks
-from pdl1exp.evaluation.tables import logistic_terms
+from pdl1exp.evaluation.nomogram import Nomogram, NomogramTerm, axis_ticks
+from pdl1exp.models.logistic import logistic_terms
 
 __all__ = ["build_nomogram", "nomogram_points"]
 
@@ -56,7 +56,7 @@ def build_nomogram(
         coef = float(terms.loc[terms["variable"] == name, "coef"].iloc[0])
         observed = X_train[name].dropna().to_numpy(dtype=float)
         low, high = observed.min(), observed.max()
-        ticks = nice_ticks(low, high, n=n_ticks)
+        ticks = axis_ticks(low, high, n=n_ticks)
         # Contributions at the ends of the observed range fix the axis; ticks lie inside.
         ends = coef * (offset[j] + slope[j] * np.array([low, high]))
         axes.append((name, tuple(ticks.tolist()), coef * (offset[j] + slope[j] * ticks), ends))
