@@ -83,11 +83,15 @@ def test_feret_diameter_matches_itk_on_an_irregular_blob() -> None:
         itk.GetFeretDiameter(1), abs=1e-6)
 
 
-def test_feret_diameter_of_degenerate_point_sets() -> None:
-    assert feret_diameter(np.array([[1.0, 2.0]])) == 0.0
-    line = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [3.0, 3.0, 3.0],
-                     [4.0, 4.0, 4.0]])
+def test_feret_diameter_of_degenerate_shapes() -> None:
+    point = sitk.Image((6, 6), sitk.sitkUInt8)
+    point[2, 3] = 1
+    assert feret_diameter(point) == 0.0
+    line = sitk.Image((6, 6, 6), sitk.sitkUInt8)
+    for k in range(5):
+        line[k, k, k] = 1
     assert feret_diameter(line) == pytest.approx(4 * np.sqrt(3))
+    assert feret_diameter(sitk.Image((6, 6), sitk.sitkUInt8)) == 0.0
 
 
 def test_measurements_of_an_empty_mask_fail() -> None:

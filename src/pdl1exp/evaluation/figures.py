@@ -1,4 +1,8 @@
-"""Publication figures: ROC with CI band, calibration, decision curves, LASSO path, nomogram."""
+"""Publication figures: ROC with CI band, calibration, decision curves, LASSO path, nomogram.
+
+Plotting only (statistics come from :mod:`pdl1exp.evaluation.statistics`); one module so
+that every figure shares one style, one size table and one writer.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Binary-classifier statistics in numpy/scipy, matching R pROC and ResourceSelection."""
+"""Binary-classifier statistics in numpy/scipy, matching R pROC and ResourceSelection.
+
+One module on purpose (longer than most): every function shares one validated input and the
+grouped-count representation of tied scores that makes the bootstrap, DeLong and the ROC band
+exact (pROC's) and vectorised over resamples.
+"""
 
 from __future__ import annotations
 

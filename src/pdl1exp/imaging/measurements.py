@@ -6,26 +6,20 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
-from scipy.spatial import ConvexHull
-from scipy.spatial.distance import pdist
 
 __all__ = ["feret_diameter", "roi_measurements"]
 
 
-def feret_diameter(points: np.ndarray) -> float:
-    """Longest distance between any two of ``points`` (n, d), via their convex hull.
-
-    Only hull vertices can be the ends of the longest chord, so the pairwise distances are
-    taken over those. Joggling (``QJ``) keeps flat or collinear sets (a one-slice tumour)
-    from failing; the distances are still measured on the original points.
+def feret_diameter(binary: sitk.Image) -> float:
+    """Longest distance (mm) between two voxels of a 0/1 image (SimpleITK's Feret diameter).
 
     Args:
-        points: coordinates in mm, one row per point.
+        binary: 2-D or 3-D image, 1 inside the object.
     """
-    if len(points) > points.shape[1] + 1:
-        points = points[ConvexHull(points, qhull_options="QJ").vertices]
-    return float(pdist(points).max()) if len(points) > 1 else 0.0
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.ComputeFeretDiameterOn()
+    shape.Execute(binary)
+    return float(shape.GetFeretDiameter(1)) if shape.HasLabel(1) else 0.0
 
 
 def _axial_axis(image: sitk.Image) -> int:
@@ -37,9 +31,9 @@ def _axial_axis(image: sitk.Image) -> int:
 def roi_measurements(mask: sitk.Image) -> dict[str, Any]:
     """Volume, diameters, centroid and bounding box of the non-zero voxels of ``mask``.
 
-    Diameters are measured between surface voxel centres (face-connected boundary) in
-    millimetres, so they are correct for anisotropic spacing and any direction cosines;
-    ``max_axial_diameter_mm`` is the longest in-plane diameter over the axial slices.
+    Diameters are Feret diameters between voxel centres in millimetres (SimpleITK), so they
+    are correct for anisotropic spacing and any direction cosines; ``max_axial_diameter_mm``
+    is the longest in-plane diameter over the axial slices.
 
     Args:
         mask: label image; non-zero is tumour.
@@ -51,33 +45,25 @@ def roi_measurements(mask: sitk.Image) -> dict[str, Any]:
     """
     binary = mask != 0
     shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.ComputeFeretDiameterOn()
     shape.Execute(binary)
     if not shape.HasLabel(1):
         msg = "roi_measurements: the mask is empty"
         raise ValueError(msg)
     bbox = shape.GetBoundingBox(1)
 
-    tumour = sitk.GetArrayViewFromImage(binary).astype(bool)
-    # In scaled index coordinates (index x spacing) distances equal physical distances,
-    # because the direction matrix is orthonormal.
-    spacing_zyx = np.asarray(mask.GetSpacing()[::-1])
-    surface = tumour & ~ndimage.binary_erosion(tumour)
-    max_diameter = feret_diameter(np.argwhere(surface) * spacing_zyx)
-
-    axis = _axial_axis(mask)
-    in_plane = np.expand_dims(ndimage.generate_binary_structure(2, 1), axis)
-    rim = tumour & ~ndimage.binary_erosion(tumour, structure=in_plane)
-    rim_points = np.argwhere(rim)
-    plane_axes = [a for a in range(3) if a != axis]
-    max_axial = max(
-        feret_diameter(rim_points[rim_points[:, axis] == k][:, plane_axes]
-                       * spacing_zyx[plane_axes])
-        for k in np.unique(rim_points[:, axis])
-    )
+    # Axial slices through the tumour: the in-plane Feret diameter of each.
+    axis = 2 - _axial_axis(mask)  # image index axis (x, y, z order)
+    slices = range(bbox[axis], bbox[axis] + bbox[3 + axis])
+    cut = [slice(None)] * 3
+    in_plane = []
+    for k in slices:
+        cut[axis] = k
+        in_plane.append(feret_diameter(binary[tuple(cut)]))
     return {
         "volume_ml": shape.GetPhysicalSize(1) / 1000.0,
-        "max_diameter_mm": max_diameter,
-        "max_axial_diameter_mm": max_axial,
+        "max_diameter_mm": float(shape.GetFeretDiameter(1)),
+        "max_axial_diameter_mm": max(in_plane),
         "centroid_mm": tuple(float(c) for c in shape.GetCentroid(1)),
         "bbox_index": {"start": tuple(bbox[:3]), "size": tuple(bbox[3:])},
         "n_voxels": int(shape.GetNumberOfPixels(1)),
