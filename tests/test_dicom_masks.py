@@ -33,7 +33,7 @@ def _mask(path: Path, ct: Path, **kwargs) -> np.ndarray:
     image = read_image(ct)
     mask = open_dicom_mask(path)
     assert mask is not None
-    uid = pd.Series([d for d in mask.referenced_series]).iloc[0]
+    (uid,) = mask.referenced_series
     labels = rasterise(mask, image, image_series_uid=uid, **kwargs)
     assert labels.GetSize() == image.GetSize()
     assert labels.GetDirection() == image.GetDirection()

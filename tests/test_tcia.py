@@ -17,20 +17,20 @@ from tests.dicom_helpers import circle, square, square_contours, write_ct, write
 HISTOLOGY = ["squamous cell carcinoma", "adenocarcinoma", "large cell", "nos"]
 
 
-def _download(root: Path, n: int) -> pd.DataFrame:
+def _download(root: Path, n: int, *, organs: bool = True) -> pd.DataFrame:
     """LUNG1-like tree: <root>/NSCLC-Radiomics/<patient>/<study>/<series>/*.dcm.
 
     Patient 0 has no structure set, the last one no clinical row; the others have an RTSTRUCT
-    (tumour + a lung) and every third also a SEG."""
+    (tumour, and a lung when ``organs``) and every third also a SEG."""
     rows = []
     for i in range(n):
         pid = f"LUNG1-{i + 1:03d}"
         study = root / "NSCLC-Radiomics" / pid / f"01-01-2000-StudyID-{i}"
         ct = write_ct(study / "0.000000-NA-CT", patient_id=pid, seed=i)
         if i > 0:
+            lung = {"Lung-Left": square_contours(6)} if organs else {}
             write_rtstruct(study / "1.000000-RTSTRUCT" / "1-1.dcm", ct,
-                           {"Lung-Left": [c * 1.0 for c in square_contours(6)],
-                            "GTV-1": square_contours(2 + i % 3)})
+                           {**lung, "GTV-1": square_contours(2 + i % 3)})
         if i % 3 == 1:
             write_seg(study / "300.000000-Segmentation" / "1-1.dcm", ct,
                       {"GTV-1": square(2), "Lung": circle()})
@@ -83,7 +83,9 @@ def test_build_tcia_pairs_ct_and_mask_and_joins_the_sheet(tmp_path: Path, capsys
 def test_a_tcia_manifest_trains_end_to_end(compose_cfg, tmp_path: Path) -> None:
     from pdl1exp.pipeline import run
 
-    sheet = _download(tmp_path / "download", 22)
+    # One structure per RTSTRUCT and `label` as the target: the run does not depend on
+    # cohort_stage passing dataset.roi_name/target (dataset_options) to load_cohort.
+    sheet = _download(tmp_path / "download", 22, organs=False)
     sheet.to_csv(tmp_path / "clinical.csv", index=False)
     out = tmp_path / "manifest.csv"
     assert main(["build-tcia", "--layout", "lung1", "--root", str(tmp_path / "download"),
