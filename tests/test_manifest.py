@@ -186,7 +186,8 @@ def test_any_binary_target_by_class_or_cutoff(tmp_path: Path) -> None:
 @pytest.mark.parametrize("spec", [{"column": "egfr"}, {"positive": "x"},
                                   {"column": "egfr", "positive": "x", "cutoff": 1.0},
                                   {"column": "egfr", "cutoff": 1.0, "negative": "x"},
-                                  {"column": "egfr", "positives": "x"}])
+                                  {"column": "egfr", "positives": "x"},
+                                  {"column": "egfr", "positive": "X", "negative": ["x", "y"]}])
 def test_bad_target_configs_are_refused(tmp_path: Path, spec: dict) -> None:
     with pytest.raises(ValueError, match=r"dataset.target: .*e.g. \{column: egfr"):
         _cohort(tmp_path, [_good_row(tmp_path, "P1")], target=spec)

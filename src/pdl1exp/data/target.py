@@ -68,6 +68,8 @@ class Target:
                    "give either positive (a class) or cutoff (a number), not both"
                    if has_classes == has_cutoff else
                    "negative needs positive" if has_cutoff and spec.get("negative") is not None
+                   else "a value is both positive and negative"
+                   if set(_values(spec.get("positive"))) & set(_values(spec.get("negative")))
                    else None)
         if problem:
             msg = (f"dataset.target: {problem}; e.g. {{column: egfr, positive: mutant}} or "
