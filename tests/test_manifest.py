@@ -148,3 +148,51 @@ def test_parse_seed() -> None:
     assert parse_seed("(1, -2.5, 3e1)") == (1.0, -2.5, 30.0)
     with pytest.raises(ValueError, match="x,y,z"):
         parse_seed("1,2")
+
+
+def test_any_binary_target_by_class_or_cutoff(tmp_path: Path) -> None:
+    rows = [_good_row(tmp_path, f"P{i}", egfr=value, pdl1_tps=tps)
+            for i, (value, tps) in enumerate([(" Mutant", 0.0), ("wildtype", 0.5),
+                                              ("MUTANT", 50.0), ("Wildtype", 1.0)])]
+    egfr = {"column": "egfr", "positive": "mutant", "negative": "wildtype",
+            "name": "EGFR mutation"}
+    cohort = _cohort(tmp_path, rows, target=egfr)
+    assert cohort.table["label"].tolist() == [1, 0, 1, 0]
+    assert cohort.target_name == "EGFR mutation"
+    assert cohort.class_names == ("EGFR mutation negative", "EGFR mutation positive")
+    default = _cohort(tmp_path, rows)
+    assert default.table["label"].tolist() == [0, 0, 1, 1]
+    assert default.class_names == ("PD-L1 negative", "PD-L1 positive")
+    by_cutoff = _cohort(tmp_path, rows, target={"column": "pdl1_tps", "cutoff": 1.0})
+    assert by_cutoff.table["label"].tolist() == default.table["label"].tolist()
+    assert by_cutoff.data_hash == default.data_hash
+    other_only = _cohort(tmp_path, rows, target={"column": "egfr", "positive": "Mutant"})
+    assert other_only.table["label"].tolist() == [1, 0, 1, 0]
+
+    rows += [_good_row(tmp_path, "P8", egfr="Unknown"), _good_row(tmp_path, "P9", egfr="")]
+    with pytest.raises(CohortError) as caught:
+        _cohort(tmp_path, rows, target=egfr)
+    problems = {p.patient_id: (p.column, p.reason) for p in caught.value.problems}
+    assert problems == {
+        "P8": ("egfr", "'Unknown' is neither positive ['mutant'] nor negative ['wildtype']"),
+        "P9": ("egfr", "missing value of the target 'EGFR mutation' (dataset.target)")}
+    rows[-1]["pdl1_tps"] = "high"
+    with pytest.raises(CohortError, match=r"'P9', column 'pdl1_tps': not a number: 'high'"):
+        _cohort(tmp_path, rows, target={"column": "pdl1_tps", "cutoff": 1.0})
+    unlabelled = _cohort(tmp_path, rows[:4] + rows[-1:], target=egfr, require_label=False)
+    assert unlabelled.table["label"].tolist() == [1, 0, 1, 0, -1]
+
+
+@pytest.mark.parametrize("spec", [{"column": "egfr"}, {"positive": "x"},
+                                  {"column": "egfr", "positive": "x", "cutoff": 1.0},
+                                  {"column": "egfr", "cutoff": 1.0, "negative": "x"},
+                                  {"column": "egfr", "positives": "x"},
+                                  {"column": "egfr", "positive": "X", "negative": ["x", "y"]}])
+def test_bad_target_configs_are_refused(tmp_path: Path, spec: dict) -> None:
+    with pytest.raises(ValueError, match=r"dataset.target: .*e.g. \{column: egfr"):
+        _cohort(tmp_path, [_good_row(tmp_path, "P1")], target=spec)
+
+
+def test_missing_target_column_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"kras \(dataset.target.column\)"):
+        _cohort(tmp_path, [_good_row(tmp_path, "P1")], target={"column": "kras", "cutoff": 1})

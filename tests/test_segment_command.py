@@ -49,3 +49,37 @@ def test_segment_writes_masks_qc_and_a_trainable_manifest(tiny_cohort: Path,
     rois, problems = roi_stage(train_cfg, cohort)
     assert not problems
     assert (rois["roi_source"] == "provided").all()
+
+
+def test_segment_writes_rtstruct_and_seg_rows_for_review(tmp_path: Path) -> None:
+    from tests.dicom_helpers import (
+        square,
+        square_contours,
+        truth_on_image,
+        write_ct,
+        write_rtstruct,
+        write_seg,
+    )
+
+    ct_a, ct_b = write_ct(tmp_path / "A" / "ct"), write_ct(tmp_path / "B" / "ct", flipped=True)
+    write_rtstruct(tmp_path / "A" / "rt.dcm", ct_a, {"GTV-1": square_contours(),
+                                                     "Heart": square_contours(1)})
+    write_seg(tmp_path / "B" / "seg.dcm", ct_b, {"GTV-1": square()})
+    pd.DataFrame([{"patient_id": "A", "image": "A/ct", "mask": "A/rt.dcm", "label": 1},
+                  {"patient_id": "B", "image": "B/ct", "mask": "B/seg.dcm", "label": 0}]
+                 ).to_csv(tmp_path / "cohort.csv", index=False)
+    out = tmp_path / "review"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("segment", overrides=[f"dataset.path={tmp_path / 'cohort.csv'}",
+                                            f"output_dir={out}", "dataset.roi_name=gtv-1"])
+        summary = segment_cohort(cfg)
+    assert summary.set_index("patient_id")["source"].to_dict() == {"A": "RTSTRUCT", "B": "SEG"}
+    assert (summary["status"] == "ok").all()
+    manifest = pd.read_csv(out / "manifest.csv").set_index("patient_id")
+    for pid in ("A", "B"):
+        assert manifest.loc[pid, "mask"] == str(out / f"{pid}.nii.gz")
+        image, mask = read_image(tmp_path / pid / "ct"), read_image(out / f"{pid}.nii.gz")
+        assert geometry_mismatch(image, mask, tolerance_mm=1e-4) is None
+        assert _dice(sitk.GetArrayFromImage(mask) > 0, truth_on_image(image, square())) == 1.0
+        assert (out / f"{pid}.png").stat().st_size > 5_000
+    assert len(load_cohort(out / "manifest.csv").table) == 2

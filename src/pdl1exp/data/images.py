@@ -9,18 +9,24 @@ detected here, because ITK's NIfTI reader silently zero-fills a short data block
 from __future__ import annotations
 
 import gzip
+import os
+import threading
 import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from pydicom.errors import InvalidDicomError
+
+from pdl1exp.data.series import choose_series, image_series
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "ImageReadError",
     "geometry_mismatch",
     "read_image",
+    "write_image",
 ]
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
@@ -65,17 +71,18 @@ def _check_nifti_complete(path: Path) -> None:
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
-    """Read the single CT series in ``folder``; rescale slope/intercept is applied by GDCM."""
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        msg = f"{folder}: no DICOM series found in this folder"
-        raise ImageReadError(msg)
-    if len(series) > 1:
-        msg = f"{folder}: {len(series)} DICOM series in one folder; keep exactly one per patient"
-        raise ImageReadError(msg)
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    """Read the single CT series in ``folder``; rescale slope/intercept is applied by GDCM.
+
+    A folder with several image series is refused with the list of them; the manifest
+    chooses one by ``series_uid`` or ``dataset.series_rule`` (:mod:`pdl1exp.data.series`).
+    """
+    try:
+        chosen = choose_series(image_series(folder))
+    except ValueError as err:
+        msg = f"{folder}: {err}"
+        raise ImageReadError(msg) from err
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
+    reader.SetFileNames(list(chosen.files))
     reader.MetaDataDictionaryArrayUpdateOff()  # never load per-slice headers (PHI)
     return reader.Execute()
 
@@ -102,7 +109,7 @@ def read_image(path: str | Path) -> sitk.Image:
     if path.is_dir():
         try:
             image = _read_dicom_series(path)
-        except RuntimeError as err:
+        except (RuntimeError, OSError, InvalidDicomError) as err:
             msg = f"{path}: unreadable DICOM series ({str(err).splitlines()[-1][:200]})"
             raise ImageReadError(msg) from err
     else:
@@ -138,3 +145,14 @@ def geometry_mismatch(image: sitk.Image, mask: sitk.Image, *, tolerance_mm: floa
             shown = [tuple(float(v) for v in np.round(x, 4)) for x in (b, a)]
             return f"mask {name.lower()} {shown[0]} != image {shown[1]}"
     return None
+
+
+def write_image(image: sitk.Image, path: str | Path) -> Path:
+    """Write ``image`` (compressed) so that a reader never sees a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial"
+                             f"{_suffix(path)}")
+    sitk.WriteImage(image, str(partial), useCompression=True)
+    os.replace(partial, path)
+    return path

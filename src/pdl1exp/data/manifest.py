@@ -3,25 +3,40 @@
 Every problem of every row is collected (patient, column, reason) and reported in one error,
 so a user fixes the manifest in one pass. With ``on_error="skip"`` the bad patients are
 excluded and listed instead; a patient is never dropped silently.
+
+DICOM inputs are resolved here, once, so that every later stage reads plain files: a folder
+with several series becomes a folder of links to the chosen series
+(``<cache_dir>/series/<uid>``), and an RTSTRUCT/SEG mask becomes a label image on the CT's
+grid (``<cache_dir>/masks/<key>.nii.gz``, keyed by file contents and the structure chosen).
+The table's ``image`` and ``mask`` columns point at those.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
+from pydicom.errors import InvalidDicomError
 
-from pdl1exp.data.images import ImageReadError, geometry_mismatch, read_image
-from pdl1exp.hashing import file_digest
+from pdl1exp.data.dicom_masks import DicomMask, DicomMaskError, open_dicom_mask, rasterise
+from pdl1exp.data.images import ImageReadError, geometry_mismatch, read_image, write_image
+from pdl1exp.data.series import SERIES_RULES, choose_series, image_series
+from pdl1exp.data.target import DEFAULT_TARGET_NAME, Target
+from pdl1exp.hashing import content_key, file_digest
 
-__all__ = ["Cohort", "CohortError", "Problem", "load_cohort", "parse_seed", "problems_table"]
+__all__ = ["Cohort", "CohortError", "Problem", "dataset_options", "load_cohort", "parse_seed",
+           "problems_table"]
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +77,17 @@ class Cohort:
 
     Args:
         table: one row per patient (index ``patient_id``) with absolute ``image``/``mask``
-            paths (mask may be None), ``seed`` as an (x, y, z) tuple or None, integer ``label``,
-            ``split`` (None when absent), ``center``, the clinical columns, and the content
-            digests ``image_sha``/``mask_sha``.
+            paths (mask may be None; DICOM inputs resolved as in the module docstring),
+            ``series_uid`` (the DICOM series read, or None), ``mask_format`` (``label``,
+            ``RTSTRUCT``, ``SEG`` or None), ``seed`` as an (x, y, z) tuple or None, integer
+            ``label``, ``split`` (None when absent), ``center``, the clinical columns, and the
+            content digests ``image_sha``/``mask_sha``.
         numeric: clinical numeric column names.
         categorical: clinical categorical column names.
         source: the manifest file.
         data_hash: hash of labels, clinical values, splits, seeds and file contents.
         problems: why each excluded patient was left out (``on_error=skip``).
+        target_name: display name of the outcome ("PD-L1", or ``dataset.target.name``).
     """
 
     table: pd.DataFrame
@@ -78,10 +96,16 @@ class Cohort:
     source: Path
     data_hash: str
     problems: list[Problem] = field(default_factory=list)
+    target_name: str = DEFAULT_TARGET_NAME
 
     @property
     def clinical(self) -> list[str]:
         return [*self.numeric, *self.categorical]
+
+    @property
+    def class_names(self) -> tuple[str, str]:
+        """Names of label 0 and 1 ("PD-L1 negative", "PD-L1 positive")."""
+        return f"{self.target_name} negative", f"{self.target_name} positive"
 
     @property
     def excluded(self) -> pd.DataFrame:
@@ -129,9 +153,19 @@ def _resolve(value: object, root: Path) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def _label(row: pd.Series, tps_cutoff: float, *,
+def _label(row: pd.Series, tps_cutoff: float, target: Target | None, *,
            required: bool) -> tuple[int | None, Problem | None]:
     pid = str(row["patient_id"])
+    if target is not None:
+        if target.column in row.index and not _blank(row[target.column]):
+            try:
+                return target.label(row[target.column]), None
+            except ValueError as err:
+                return None, Problem(pid, target.column, str(err))
+        if not required:
+            return _UNLABELLED, None
+        return None, Problem(pid, target.column, f"missing value of the target "
+                             f"{target.name!r} (dataset.target)")
     if "label" in row.index and not _blank(row["label"]):
         value = str(row["label"]).strip().lower()
         mapping = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
@@ -151,29 +185,103 @@ def _label(row: pd.Series, tps_cutoff: float, *,
     return None, Problem(pid, "label", "missing label (give 'label' 0/1 or 'pdl1_tps')")
 
 
+@dataclass(frozen=True)
+class _DicomOptions:
+    """How DICOM series and RTSTRUCT/SEG masks are resolved (see :func:`load_cohort`)."""
+
+    roi_name: str | int | None
+    segment: str | int | None
+    series_rule: str
+    plane_tolerance: float
+    cache_dir: Path
+
+
 @dataclass
 class _RowCheck:
     problems: list[Problem]
     image_sha: str | None = None
     mask_sha: str | None = None
+    image: Path | None = None
+    mask: Path | None = None
+    series_uid: str | None = None
+    mask_format: str | None = None
+
+
+def _series_folder(folder: Path, series_uid: str | None, referenced: frozenset[str],
+                   options: _DicomOptions) -> tuple[Path, str | None]:
+    """The folder to read (holding exactly the chosen series) and that series' UID."""
+    try:
+        series = image_series(folder)
+    except (RuntimeError, OSError, InvalidDicomError) as err:
+        msg = f"unreadable DICOM headers ({err})"
+        raise ImageReadError(msg) from err
+    chosen = choose_series(series, series_uid=series_uid, referenced=referenced,
+                           rule=options.series_rule)
+    if len(series) == 1:
+        return folder, chosen.uid
+    links = options.cache_dir / "series" / chosen.uid
+    if not links.exists():
+        links.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{chosen.uid}.", dir=links.parent))
+        for file in chosen.files:
+            (partial / Path(file).name).symlink_to(Path(file).resolve())
+        try:
+            os.replace(partial, links)
+        except OSError:  # another thread made it first
+            shutil.rmtree(partial)
+    return links, chosen.uid
+
+
+def _rasterised(mask: DicomMask, image: sitk.Image, *, series_uid: str | None, image_sha: str,
+                options: _DicomOptions) -> tuple[Path, str]:
+    """The cached label image of an RTSTRUCT/SEG on this image's grid, and its key."""
+    key = content_key({"mask": file_digest(mask.path), "image": image_sha,
+                       "roi_name": options.roi_name, "segment": options.segment,
+                       "plane_tolerance": options.plane_tolerance})
+    path = options.cache_dir / "masks" / f"{key}.nii.gz"
+    if not path.exists():
+        write_image(rasterise(mask, image, image_series_uid=series_uid,
+                              roi_name=options.roi_name, segment=options.segment,
+                              plane_tolerance=options.plane_tolerance), path)
+    return path, key
 
 
 def _check_images(pid: str, image_path: Path, mask_path: Path | None,
-                  seed: tuple[float, float, float] | None, *, air_hu: float,
-                  tolerance_mm: float) -> _RowCheck:
+                  seed: tuple[float, float, float] | None, series_uid: str | None, *,
+                  air_hu: float, tolerance_mm: float, options: _DicomOptions) -> _RowCheck:
     """Read the image (and mask) of one row and check everything that needs the pixels."""
+    dicom_mask = open_dicom_mask(mask_path) if mask_path is not None and mask_path.exists() \
+        else None
+    referenced = dicom_mask.referenced_series if dicom_mask else frozenset()
     try:
+        if image_path.is_dir():
+            image_path, series_uid = _series_folder(image_path, series_uid, referenced,
+                                                    options)
+        elif series_uid:
+            return _RowCheck([Problem(pid, "series_uid", f"{image_path} is a file, not a "
+                                      "DICOM folder: series_uid applies to folders only")])
         image = read_image(image_path)
-    except ImageReadError as err:
-        return _RowCheck([Problem(pid, "image", str(err))])
-    check = _RowCheck([], image_sha=file_digest(image_path))
+    except ValueError as err:  # ImageReadError, or no/ambiguous/unknown series
+        column = "series_uid" if series_uid and "series_uid" in str(err) else "image"
+        return _RowCheck([Problem(pid, column, f"{image_path}: {err}")])
+    check = _RowCheck([], image_sha=file_digest(image_path), image=image_path,
+                      series_uid=series_uid if image_path.is_dir() else None)
     if mask_path is not None:
+        mask = None
         try:
-            mask = read_image(mask_path)
-        except ImageReadError as err:
+            if dicom_mask is None:
+                mask = read_image(mask_path)
+                check.mask, check.mask_sha = mask_path, file_digest(mask_path)
+                check.mask_format = "label"
+            else:
+                check.mask, check.mask_sha = _rasterised(
+                    dicom_mask, image, series_uid=check.series_uid, image_sha=check.image_sha,
+                    options=options)
+                check.mask_format = dicom_mask.modality
+                mask = read_image(check.mask)
+        except (ImageReadError, DicomMaskError) as err:
             check.problems.append(Problem(pid, "mask", str(err)))
-        else:
-            check.mask_sha = file_digest(mask_path)
+        if mask is not None:
             mismatch = geometry_mismatch(image, mask, tolerance_mm=tolerance_mm)
             if mismatch:
                 check.problems.append(Problem(pid, "mask", f"{mask_path}: {mismatch}"))
@@ -196,11 +304,36 @@ def _check_images(pid: str, image_path: Path, mask_path: Path | None,
     return check
 
 
+def dataset_options(dataset: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`load_cohort` keyword arguments from a ``dataset`` config (conf/dataset/*.yaml).
+
+    The path, ``cache_dir`` and ``require_label`` are the caller's.
+    """
+    validation = dataset["validation"]
+    options = {
+        "tps_cutoff": dataset["tps_cutoff"],
+        "numeric": list(dataset["clinical"]["numeric"]),
+        "categorical": list(dataset["clinical"]["categorical"]),
+        "on_error": dataset["on_error"],
+        "air_hu": validation["air_hu"],
+        "geometry_tolerance_mm": validation["geometry_tolerance_mm"],
+        "n_jobs": validation["n_jobs"],
+    }
+    # Keys added with DICOM masks and targets; configs saved before them keep the defaults.
+    optional = {"target": dataset, "roi_name": dataset, "segment": dataset,
+                "series_rule": dataset, "contour_plane_tolerance": validation}
+    options.update({key: source[key] for key, source in optional.items() if key in source})
+    return options
+
+
 def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
                 numeric: Sequence[str] = (), categorical: Sequence[str] = (),
                 on_error: str = "raise", air_hu: float = -900.0,
                 geometry_tolerance_mm: float = 1e-3, n_jobs: int = 1,
-                require_label: bool = True) -> Cohort:
+                require_label: bool = True, target: Mapping[str, Any] | None = None,
+                roi_name: str | int | None = None, segment: str | int | None = None,
+                series_rule: str = "error", contour_plane_tolerance: float = 0.1,
+                cache_dir: str | Path | None = None) -> Cohort:
     """Read, resolve and validate a manifest.
 
     Args:
@@ -214,15 +347,36 @@ def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
         n_jobs: threads reading images in parallel.
         require_label: False for scoring new patients, whose labels may be unknown (a label
             that is given must still be valid; an absent one becomes -1).
+        target: ``dataset.target`` (:mod:`pdl1exp.data.target`); None → label/pdl1_tps.
+        roi_name: RTSTRUCT structure (name, regex or number); None → the only one.
+        segment: DICOM SEG segment (number or label); None → the only one.
+        series_rule: ``error`` or ``thinnest_axial`` for folders with several series and no
+            ``series_uid`` (:mod:`pdl1exp.data.series`).
+        contour_plane_tolerance: how far (fraction of a slice) an RTSTRUCT contour may lie
+            off the image's slices.
+        cache_dir: where series links and rasterised RTSTRUCT/SEG masks go (content-keyed);
+            None → a ``pdl1exp-dicom`` folder in the system's temporary directory.
     """
     if on_error not in ("raise", "skip"):
         msg = f"dataset.on_error must be 'raise' or 'skip', got {on_error!r}"
         raise ValueError(msg)
+    if series_rule not in SERIES_RULES:
+        msg = f"dataset.series_rule must be one of {SERIES_RULES}, got {series_rule!r}"
+        raise ValueError(msg)
+    outcome = Target.from_config(target)
+    options = _DicomOptions(
+        roi_name=roi_name, segment=segment, series_rule=series_rule,
+        plane_tolerance=contour_plane_tolerance,
+        cache_dir=Path(cache_dir) if cache_dir is not None
+        else Path(tempfile.gettempdir()) / "pdl1exp-dicom")
     source = Path(path).resolve()
     table = _read_table(source)
     root = source.parent
     missing = [c for c in ("patient_id", "image") if c not in table.columns]
-    if require_label and "label" not in table.columns and "pdl1_tps" not in table.columns:
+    if require_label and outcome is not None and outcome.column not in table.columns:
+        missing.append(f"{outcome.column} (dataset.target.column)")
+    elif require_label and outcome is None and "label" not in table.columns \
+            and "pdl1_tps" not in table.columns:
         missing.append("label or pdl1_tps")
     if "mask" not in table.columns and "seed" not in table.columns:
         missing.append("mask or seed")
@@ -247,7 +401,7 @@ def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
     for _, row in table.iterrows():
         pid = row["patient_id"]
         record: dict[str, object] = {"patient_id": pid}
-        label, problem = _label(row, tps_cutoff, required=require_label)
+        label, problem = _label(row, tps_cutoff, outcome, required=require_label)
         record["label"] = label
         problems.extend([problem] if problem else [])
         split = None
@@ -280,26 +434,32 @@ def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
                 problems.append(Problem(pid, "seed", str(err)))
         elif mask is None:
             problems.append(Problem(pid, "mask/seed", "neither a mask nor a seed is given"))
+        series_uid = None if "series_uid" not in row.index or _blank(row["series_uid"]) \
+            else str(row["series_uid"]).strip()
         if image is None:
             problems.append(Problem(pid, "image", "missing image path"))
         else:
-            jobs.append((pid, image, mask, seed))
+            jobs.append((pid, image, mask, seed, series_uid))
         record.update(image=str(image) if image else None, mask=str(mask) if mask else None,
                       seed=seed)
         rows.append(record)
 
     def check(job: tuple) -> tuple[str, _RowCheck]:
-        pid, image, mask, seed = job
-        return pid, _check_images(pid, image, mask, seed, air_hu=air_hu,
-                                  tolerance_mm=geometry_tolerance_mm)
+        pid, image, mask, seed, series_uid = job
+        return pid, _check_images(pid, image, mask, seed, series_uid, air_hu=air_hu,
+                                  tolerance_mm=geometry_tolerance_mm, options=options)
 
     with ThreadPoolExecutor(max(1, n_jobs)) as pool:
         checks = dict(pool.map(check, jobs))
     for record in rows:
-        found = checks.get(record["patient_id"])
-        record["image_sha"] = found.image_sha if found else None
-        record["mask_sha"] = found.mask_sha if found else None
-        problems.extend(found.problems if found else [])
+        found = checks.get(record["patient_id"]) or _RowCheck([])
+        if found.image is not None:
+            record["image"] = str(found.image)
+        if found.mask is not None:
+            record["mask"] = str(found.mask)
+        record.update(series_uid=found.series_uid, mask_format=found.mask_format,
+                      image_sha=found.image_sha, mask_sha=found.mask_sha)
+        problems.extend(found.problems)
 
     if problems and on_error == "raise":
         raise CohortError(source, problems)
@@ -317,7 +477,8 @@ def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
         raise ValueError(msg)
     return Cohort(table=frame, numeric=list(numeric),
                   categorical=list(categorical), source=source,
-                  data_hash=_data_hash(frame, [*numeric, *categorical]), problems=problems)
+                  data_hash=_data_hash(frame, [*numeric, *categorical]), problems=problems,
+                  target_name=outcome.name if outcome else DEFAULT_TARGET_NAME)
 
 
 def _data_hash(frame: pd.DataFrame, clinical: list[str]) -> str:
