@@ -6,6 +6,7 @@ import io
 import json
 import os
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -64,8 +65,13 @@ def log_version(root: Path, name: str, *, labels: np.ndarray, probability: np.nd
         log_frame(pd.DataFrame({"patient_id": patients, "split": "test", "label": labels,
                                 "probability": probability}), PREDICTIONS_FILE)
         mlflow.log_metric("test_auc", 0.5)
-        version = log_selected_model(tiny_model(table, y), example=table, extractor=EXTRACTOR,
-                                     registered_model=name)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            version = log_selected_model(tiny_model(table, y), example=table,
+                                         extractor=EXTRACTOR, registered_model=name,
+                                         target="PD-L1")
+    # Models-from-code: MLflow has no pickled Python model to warn about.
+    assert not [w for w in caught if "pickle" in str(w.message).lower()]
     return str(version.version)
 
 
@@ -79,6 +85,8 @@ def test_logged_model_carries_signature_extractor_and_registry_tags(tmp_path: Pa
     assert version.tags["test_auc"] == "0.500000"
     assert version.tags["test_patients"] == f"runs:/{version.run_id}/{PREDICTIONS_FILE}"
     assert version.tags["run_id"] == version.run_id
+    assert version.tags["target"] == "PD-L1"
+    assert "P(PD-L1 positive)" in version.description
     run_artifacts = {a.path for a in client.list_artifacts(version.run_id)}
     assert EXTRACTOR_FILE in run_artifacts
 
@@ -94,6 +102,7 @@ def test_logged_model_carries_signature_extractor_and_registry_tags(tmp_path: Pa
     requirements = (folder / "requirements.txt").read_text()
     assert "scikit-learn==" in requirements
     assert "pdl1exp==" in requirements
+    assert (folder / "serving_model.py").is_file()  # models-from-code
     example = json.loads((folder / "serving_input_example.json").read_text())
     split = example["dataframe_split"]
     assert len(split["data"]) == 1  # one synthetic row, not a patient's record

@@ -7,7 +7,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pdl1exp.tracking import flatten, pseudonym, pseudonym_key, setup, tracked_run
+from pdl1exp.tracking import log_params, pseudonym, pseudonym_key, setup, tracked_run
 
 
 def test_runs_end_failed_or_killed_never_running(tmp_path: Path) -> None:
@@ -32,9 +32,19 @@ def test_runs_end_failed_or_killed_never_running(tmp_path: Path) -> None:
     assert mlflow.active_run() is None
 
 
-def test_flatten_gives_dotted_keys() -> None:
-    assert flatten({"backbone": {"name": "r50", "tta": {"n": 4}}, "seed": 1}) == {
-        "backbone.name": "r50", "backbone.tta.n": 4, "seed": 1}
+def test_nested_params_are_logged_with_dotted_keys(tmp_path: Path) -> None:
+    setup(f"sqlite:///{tmp_path}/mlflow.db", "params")
+    with tracked_run("p") as run:
+        log_params({"backbone": {"name": "r50", "tta": {"n": 4}},
+                    "classifier": [f"c{i}" for i in range(3)], "seed": 1,
+                    **{f"k{i}": i for i in range(150)}})
+    params = mlflow.get_run(run.info.run_id).data.params
+    assert params["backbone.name"] == "r50"
+    assert params["backbone.tta.n"] == "4"
+    assert params["classifier"] == "['c0', 'c1', 'c2']"
+    assert len(params) == 154
+    experiment = mlflow.get_experiment_by_name("params")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_pseudonyms_are_stable_keyed_and_not_the_id(tmp_path: Path) -> None:

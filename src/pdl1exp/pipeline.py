@@ -37,7 +37,7 @@ from pdl1exp.reporting import write_outputs
 from pdl1exp.serving import PREDICTIONS_FILE, log_selected_model
 from pdl1exp.tracking import (
     environment_tags,
-    flatten,
+    log_cohort,
     log_frame,
     log_params,
     pseudonym,
@@ -164,10 +164,12 @@ def run(cfg: DictConfig) -> float:
     setup(cfg.tracking.uri, cfg.tracking.experiment)
     tags = {**environment_tags(), "config_hash": content_key(resolved), "experiment": cfg.name}
     with tracked_run(cfg.name, tags=tags):
-        log_params(flatten(resolved))
+        log_params(resolved)
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         cohort = cohort_stage(cfg)
         mlflow.set_tag("data_hash", cohort.data_hash)
+        log_cohort(cohort.table[["label", *cohort.clinical]], name=cfg.dataset.name,
+                   digest=cohort.data_hash, target="label")
         rois, roi_problems = roi_stage(cfg, cohort)
         problems = cohort.problems + roi_problems
         if problems:
@@ -222,7 +224,8 @@ def run(cfg: DictConfig) -> float:
         inputs = table.join(pd.concat(features.values(), axis=1)) if features else table
         log_selected_model(selected, example=inputs.loc[splits == "train"],
                            extractor=extractor_identity(cfg, extraction) if extraction else {},
-                           registered_model=cfg.tracking.registered_model)
+                           registered_model=cfg.tracking.registered_model,
+                           target=cohort.target_name)
         log.info("Primary model %s: training CV AUC %.3f; metrics in MLflow run %s",
                  primary.name, primary.cv_auc, mlflow.active_run().info.run_id)
         return float(primary.cv_auc)

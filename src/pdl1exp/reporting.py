@@ -131,8 +131,7 @@ def write_outputs(cfg: DictConfig, *, cohort: Cohort, table: pd.DataFrame, split
     exploratory = _split_figures(cfg, fitted.models, primary, y, folder, suffix="_exploratory")
     wide = metrics_table(metrics, level=cfg.evaluation.level)
     wide.to_csv(folder / "metrics_table.csv", index=False)
-    baseline = table.assign(split=splits, status=y.map({0: "PD-L1 negative",
-                                                        1: "PD-L1 positive"}))
+    baseline = table.assign(split=splits, status=y.map(dict(enumerate(cohort.class_names))))
     numeric = [*cohort.numeric, *(c for c in ROI_DESCRIPTORS if c in table.columns)]
     by_split = baseline_table(baseline[baseline["split"].isin(["train", "test"])],
                               group="split", numeric=numeric, categorical=cohort.categorical)
@@ -143,14 +142,15 @@ def write_outputs(cfg: DictConfig, *, cohort: Cohort, table: pd.DataFrame, split
     counts = pd.crosstab(splits, y.map({0: "negative", 1: "positive"}))
     sections = [
         ReportSection("Cohort", text=(
-            f"{len(table)} patients ({int(y.sum())} PD-L1 positive, "
+            f"{len(table)} patients ({int(y.sum())} {cohort.class_names[1]}, "
             f"{y.mean():.0%}); {len(cohort.problems)} problem(s) excluded. Primary model "
             f"(pre-specified by evaluation.primary): {primary.name}; its training "
             f"cross-validation AUC is {primary.cv_auc:.3f}"
             f"{' (tuning CV: optimistic)' if primary.sweep else ''}."),
             table=counts.reset_index()),
         ReportSection("Baseline characteristics: training vs test", table=by_split),
-        ReportSection("Baseline characteristics by PD-L1 status (training)", table=by_label),
+        ReportSection(f"Baseline characteristics by {cohort.target_name} status (training)",
+                      table=by_label),
         ReportSection("Discrimination and classification (95% CI)", text=(
             "AUC with DeLong CI; other metrics at the Youden threshold chosen on the training "
             "split's out-of-fold predictions, with stratified bootstrap CIs."), table=wide),

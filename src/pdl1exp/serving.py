@@ -9,6 +9,7 @@ from importlib.metadata import packages_distributions, version
 from pathlib import Path
 from typing import Any
 
+import joblib
 import mlflow
 import numpy as np
 import pandas as pd
@@ -32,33 +33,38 @@ log = logging.getLogger(__name__)
 
 MODEL_PATH = "model"
 EXTRACTOR_FILE = "extractor.json"
+ESTIMATOR = "estimator"
+# Models-from-code: the file MLflow runs to build the pyfunc at load time.
+_MODEL_CODE = Path(__file__).with_name("serving_model.py")
 # The selected model's held-out predictions (patient_id, split, label, probability), logged
 # by the pipeline on the parent run: the test set a promotion compares on.
 PREDICTIONS_FILE = "predictions.csv"
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 # Always needed to unpickle and serve, whatever the fitted parts are.
-_BASE_MODULES = ("mlflow", "cloudpickle", "numpy", "pandas", "scipy", "sklearn", "pdl1exp")
+_BASE_MODULES = ("mlflow", "joblib", "numpy", "pandas", "scipy", "sklearn", "pdl1exp")
 
 
 class SelectedPyfunc(mlflow.pyfunc.PythonModel):
     """Feature table → ``probability`` and ``predicted_status`` (at the stored threshold).
 
-    Args:
-        model: a fitted :class:`pdl1exp.models.selected.SelectedModel`.
+    Logged as MLflow models-from-code (:mod:`pdl1exp.serving_model`): the fitted
+    :class:`pdl1exp.models.selected.SelectedModel` travels as the ``estimator`` artifact and
+    is loaded in :meth:`load_context`, with the extractor identity beside it.
     """
 
-    def __init__(self, model: Any) -> None:
-        self.model = model
+    def __init__(self) -> None:
+        self.model: Any = None
         self.extractor: dict[str, Any] = {}
 
     def load_context(self, context: PythonModelContext) -> None:
-        """Read the extractor identity the deep features must be recomputed with."""
+        """Load the fitted model and the identity its image features must be recomputed with."""
+        self.model = joblib.load(context.artifacts[ESTIMATOR])
         self.extractor = json.loads(Path(context.artifacts["extractor"]).read_text())
 
     def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """Probability of PD-L1 positive and the status at the train-chosen threshold."""
+        """Probability of the positive class and the status at the train-chosen threshold."""
         proba = self.model.predict_proba(model_input)[:, 1]
         return pd.DataFrame({"probability": proba.astype(np.float64),
                              "predicted_status": (proba >= self.model.threshold).astype(np.int64)})
@@ -91,8 +97,11 @@ def _example_row(model: Any, example: pd.DataFrame) -> pd.DataFrame:
 def _requirements(model: Any) -> list[str]:
     """Pinned distributions of every module the pickled model needs (from its fitted parts)."""
     modules = set(_BASE_MODULES)
-    modules.update(type(v).__module__.partition(".")[0]
-                   for v in model.get_params(deep=True).values() if hasattr(v, "get_params"))
+    for part in [*(model.image or {}).values(), model.clinical]:
+        if part is not None:
+            modules.update(type(v).__module__.partition(".")[0]
+                           for v in [part, *part.get_params(deep=True).values()]
+                           if hasattr(v, "get_params"))
     providers = packages_distributions()
     requirements = set()
     for module in modules:
@@ -114,7 +123,7 @@ def held_out_predictions(run_id: str) -> pd.DataFrame:
 
 
 def log_selected_model(model: Any, *, example: pd.DataFrame, extractor: dict[str, Any],
-                       registered_model: str) -> ModelVersion:
+                       registered_model: str, target: str) -> ModelVersion:
     """Log the selected model on the active run, register it and alias it ``candidate``.
 
     The version is tagged with the run id, the test AUC and where its test patients are
@@ -126,6 +135,7 @@ def log_selected_model(model: Any, *, example: pd.DataFrame, extractor: dict[str
         extractor: how the deep features were made (configs, weights tag, precision, cache
             key, code version); empty when the model reads no deep features.
         registered_model: registry name.
+        target: display name of the predicted outcome (e.g. ``PD-L1``).
     """
     run = mlflow.active_run()
     if run is None:
@@ -138,18 +148,25 @@ def log_selected_model(model: Any, *, example: pd.DataFrame, extractor: dict[str
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / EXTRACTOR_FILE
         path.write_text(json.dumps(extractor, indent=2, sort_keys=True))
+        estimator = Path(folder) / f"{ESTIMATOR}.joblib"
+        joblib.dump(model, estimator)
         info = mlflow.pyfunc.log_model(
-            name=MODEL_PATH, python_model=SelectedPyfunc(model),
-            artifacts={"extractor": str(path)}, signature=_signature(model, example),
+            name=MODEL_PATH, python_model=str(_MODEL_CODE),
+            artifacts={"extractor": str(path), ESTIMATOR: str(estimator)},
+            signature=_signature(model, example),
             input_example=_example_row(model, example), pip_requirements=_requirements(model),
             registered_model_name=registered_model)
     number = str(info.registered_model_version)
     test_auc = client.get_run(run_id).data.metrics.get("test_auc", float("nan"))
     tags = {"run_id": run_id, "test_auc": f"{test_auc:.6f}", "n_test": str(len(tests)),
             "test_patients": f"runs:/{run_id}/{PREDICTIONS_FILE}",
-            "feature_set": model.feature_set, "threshold": f"{model.threshold:.6f}"}
+            "feature_set": model.feature_set, "threshold": f"{model.threshold:.6f}",
+            "target": target}
     for key, value in tags.items():
         client.set_model_version_tag(registered_model, number, key, value)
+    client.update_model_version(registered_model, number, description=(
+        f"P({target} positive) from the {model.feature_set} model of run {run_id}; positive "
+        f"when the probability is >= {model.threshold:.4f} (threshold from training CV)."))
     client.set_registered_model_alias(registered_model, CANDIDATE, number)
     log.info("Registered %s version %s as @%s (test AUC %.3f)", registered_model, number,
              CANDIDATE, test_auc)

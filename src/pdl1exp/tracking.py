@@ -9,7 +9,6 @@ import logging
 import secrets
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +21,7 @@ from mlflow.tracking import MlflowClient
 __all__ = [
     "code_version",
     "environment_tags",
-    "flatten",
+    "log_cohort",
     "log_frame",
     "log_params",
     "pseudonym",
@@ -38,6 +37,7 @@ _PACKAGES = ("torch", "monai", "pytorch_lightning", "sklearn", "optuna", "mlflow
              "lightgbm", "SimpleITK", "pandas", "numpy", "scipy", "hydra")
 _MAX_ERROR = 4000
 _PARAM_BATCH = 100
+_KIND_TAG, _KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def setup(uri: str, experiment: str) -> str:
@@ -57,9 +57,19 @@ def setup(uri: str, experiment: str) -> str:
     if uri.startswith("sqlite:///"):
         db_dir = Path(uri.removeprefix("sqlite:///")).resolve().parent
         location = (db_dir / experiment).as_uri()
-    experiment_id = MlflowClient().create_experiment(experiment, artifact_location=location)
+    # The MLflow 3 UI opens an experiment of this kind on its runs, not the GenAI overview.
+    experiment_id = MlflowClient().create_experiment(
+        experiment, artifact_location=location, tags={_KIND_TAG: _KIND})
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def log_cohort(table: pd.DataFrame, *, name: str, digest: str, target: str) -> None:
+    """The cohort as the run's input dataset (the UI's Dataset column): name, digest
+    (``data_hash``), schema and row count. ``table`` must hold no identifying column."""
+    dataset = mlflow.data.from_pandas(table.reset_index(drop=True), name=name, digest=digest,
+                                      targets=target)
+    mlflow.log_input(dataset, context="cohort")
 
 
 @contextmanager
@@ -105,21 +115,10 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config → ``{"backbone.name": ..., ...}`` (lists kept as their string)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def log_params(params: Mapping[str, Any]) -> None:
-    """Log params in batches (MLflow takes at most 100 per call)."""
-    items = [(k, str(v)) for k, v in params.items()]
+    """Log (nested) params as ``a.b.c`` keys, in batches (MLflow takes 100 per call)."""
+    flat = pd.json_normalize(dict(params), sep=".").iloc[0].to_dict() if params else {}
+    items = [(k, str(v)) for k, v in flat.items()]
     for start in range(0, len(items), _PARAM_BATCH):
         mlflow.log_params(dict(items[start:start + _PARAM_BATCH]))
 
@@ -141,7 +140,4 @@ def pseudonym_key(folder: str | Path) -> bytes:
 
 def log_frame(frame: pd.DataFrame, name: str, *, index: bool = False) -> None:
     """Log a table as a CSV artifact called ``name``."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / name
-        frame.to_csv(path, index=index)
-        mlflow.log_artifact(str(path))
+    mlflow.log_text(frame.to_csv(index=index), name)

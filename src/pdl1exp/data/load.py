@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from pdl1exp.data.manifest import Cohort, load_cohort
+from pdl1exp.data.manifest import Cohort, dataset_options, load_cohort
 
 __all__ = ["cohort_stage"]
 
@@ -17,8 +19,5 @@ def cohort_stage(cfg: DictConfig, *, require_label: bool = True) -> Cohort:
     """
     ds = cfg.dataset
     path = instantiate(ds.generator).write() if ds.generator else ds.path
-    return load_cohort(path, tps_cutoff=ds.tps_cutoff, numeric=list(ds.clinical.numeric),
-                       categorical=list(ds.clinical.categorical), on_error=ds.on_error,
-                       air_hu=ds.validation.air_hu,
-                       geometry_tolerance_mm=ds.validation.geometry_tolerance_mm,
-                       n_jobs=ds.validation.n_jobs, require_label=require_label)
+    return load_cohort(path, **dataset_options(ds), require_label=require_label,
+                       cache_dir=Path(cfg.paths.cache_dir) / "dicom")

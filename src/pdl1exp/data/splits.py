@@ -30,6 +30,6 @@ def assign_splits(table: pd.DataFrame, *, test_size: float, seed: int) -> pd.Ser
         splits.iloc[test] = "test"
     train_labels = table.loc[splits == "train", "label"]
     if train_labels.nunique() < 2:
-        msg = "the training split must contain both PD-L1 positive and negative patients"
+        msg = "the training split must contain both positive and negative patients"
         raise ValueError(msg)
     return splits.rename("split")

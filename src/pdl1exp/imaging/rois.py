@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +13,7 @@ import SimpleITK as sitk
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pdl1exp.data.images import read_image
+from pdl1exp.data.images import read_image, write_image
 from pdl1exp.data.manifest import Cohort, CohortError, Problem
 from pdl1exp.hashing import content_key
 from pdl1exp.imaging.measurements import roi_measurements
@@ -25,12 +24,6 @@ __all__ = ["prepare_rois", "roi_stage"]
 log = logging.getLogger(__name__)
 
 Segmenter = Callable[[sitk.Image, tuple[float, float, float]], sitk.Image]
-
-
-def _write_atomic(image: sitk.Image, path: Path) -> None:
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.nii.gz")
-    sitk.WriteImage(image, str(partial), useCompression=True)
-    os.replace(partial, path)
 
 
 def prepare_rois(table: pd.DataFrame, *, segmenter: Segmenter | None,
@@ -78,7 +71,7 @@ def prepare_rois(table: pd.DataFrame, *, segmenter: Segmenter | None,
                 except SegmentationError as err:
                     return Problem(pid, "seed", f"segmentation failed: {err}")
                 mask_dir.mkdir(parents=True, exist_ok=True)
-                _write_atomic(mask, path)
+                write_image(mask, path)
         sizes = roi_measurements(mask)
         return {"patient_id": pid, "image": row["image"], "mask": str(path),
                 "image_sha": row["image_sha"], "mask_key": key, "roi_source": source,

@@ -1,4 +1,5 @@
-"""The selected model as one estimator: patient feature table → probability of PD-L1 positive."""
+"""The registered model as one estimator: patient feature table → probability of the positive
+class of the configured target (PD-L1 positive by default)."""
 
 from __future__ import annotations
 
