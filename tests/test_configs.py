@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hydra._internal.utils import _locate
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 
+from pdl1exp.pipeline import FEATURE_SETS
 from tests.conftest import CONF
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment")
@@ -40,16 +42,18 @@ def test_option_composes_and_instantiates(compose_cfg, group: str, option: str) 
     if group == "roi" and option == "patch_3d":
         overrides.append("backbone=resnet18_3d")
     cfg = compose_cfg(*overrides)
-    targets = list(_targets(cfg[group]))
-    for node in targets:
-        assert instantiate(node) is not None, node._target_
+    for node in _targets(cfg[group]):
+        target = _locate(node._target_)
+        assert isinstance(target, type), node._target_
+        assert isinstance(instantiate(node), target), node._target_
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes(compose_cfg, name: str) -> None:
     cfg = compose_cfg(f"+experiment={name}")
     assert cfg.name == name
-    assert set(cfg.feature_sets) <= {"clinical", "dlr", "combined"}
+    assert set(cfg.feature_sets) <= set(FEATURE_SETS)
+    assert cfg.evaluation.primary in cfg.feature_sets
     assert len(cfg.classifier) >= 1
 
 

@@ -41,6 +41,10 @@ def test_smoke_experiment_end_to_end(compose_cfg, tmp_path: Path) -> None:
                 "feature_cache_key", "best_feature_set", "best_classifier", "version.torch"):
         assert tags.get(tag), tag
     assert tags["backbone_weights"] == "random:42"
+    (dataset,) = parent.inputs.dataset_inputs
+    assert dataset.dataset.name == "synthetic"
+    assert tags["data_hash"].startswith(dataset.dataset.digest)
+    assert "patient_id" not in dataset.dataset.schema
     assert tags["feature_cache"] == "miss"
     metrics = parent.data.metrics
     for split in ("train", "cv", "test"):

@@ -37,6 +37,7 @@ _PACKAGES = ("torch", "monai", "pytorch_lightning", "sklearn", "optuna", "mlflow
              "lightgbm", "SimpleITK", "pandas", "numpy", "scipy", "hydra")
 _MAX_ERROR = 4000
 _PARAM_BATCH = 100
+_DIGEST_MAX = 36
 _KIND_TAG, _KIND = "mlflow.experimentKind", "custom_model_development"
 
 
@@ -66,9 +67,10 @@ def setup(uri: str, experiment: str) -> str:
 
 def log_cohort(table: pd.DataFrame, *, name: str, digest: str, target: str) -> None:
     """The cohort as the run's input dataset (the UI's Dataset column): name, digest
-    (``data_hash``), schema and row count. ``table`` must hold no identifying column."""
-    dataset = mlflow.data.from_pandas(table.reset_index(drop=True), name=name, digest=digest,
-                                      targets=target)
+    (``data_hash``, cut to MLflow's 36 characters), schema and row count. ``table`` must hold
+    no identifying column."""
+    dataset = mlflow.data.from_pandas(table.reset_index(drop=True), name=name,
+                                      digest=digest[:_DIGEST_MAX], targets=target)
     mlflow.log_input(dataset, context="cohort")
 
 
