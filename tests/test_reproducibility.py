@@ -22,6 +22,7 @@ def test_sklearn_compatible(estimator, check) -> None:
     check(estimator)
 
 
+@pytest.mark.filterwarnings("ignore:The inplace keyword")  # inside pingouin 0.7
 @pytest.mark.parametrize("icc_type", ICC_TYPES)
 def test_vectorised_icc_equals_pingouin(icc_type: str) -> None:
     pingouin = pytest.importorskip("pingouin")
@@ -92,7 +93,7 @@ def test_fit_sees_training_rows_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_keeps_the_most_reproducible_when_none_passes() -> None:
-    X, replicates, y = _cohort()
+    X, replicates, _ = _cohort()
     X = X[["rad_stable", "rad_noise"]]
     with pytest.warns(SelectionFallbackWarning, match="rad_stable"):
         step = ICCFilter(replicates=replicates, threshold=1.1).fit(X.iloc[:N_TRAIN])
@@ -109,6 +110,7 @@ def test_needs_patient_ids_and_two_replicates() -> None:
         ICCFilter(replicates=replicates, icc_type="ICC4").fit(X)
 
 
+@pytest.mark.filterwarnings("ignore::pdl1exp.models.selection.SelectionFallbackWarning")
 def test_robust_preset_runs_with_replicates_set_at_run_time(compose_cfg) -> None:
     cfg = compose_cfg("selection=robust")
     steps = build_selection(OmegaConf.to_container(cfg.selection, resolve=True))
