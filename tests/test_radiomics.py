@@ -164,3 +164,14 @@ def test_parallel_extraction_equals_serial(tmp_path: Path, params: dict) -> None
     serial = extract_radiomics(rois, params=params, cache_dir=tmp_path / "a", n_jobs=1)
     parallel = extract_radiomics(rois, params=params, cache_dir=tmp_path / "b", n_jobs=2)
     pd.testing.assert_frame_equal(parallel.table, serial.table)
+
+
+def test_patient_rows_are_reused_under_their_own_id(tmp_path: Path, params: dict) -> None:
+    row = _write(tmp_path, "p0", np.zeros((SIZE,) * 3), _sphere(6))
+    first = extract_radiomics(_rois(row), params=params, cache_dir=tmp_path, n_jobs=1)
+    # A rescan filed twice: same files, two ids; the twin is served from p0's cached row.
+    both = extract_radiomics(_rois(row, {**row, "patient_id": "twin"}), params=params,
+                             cache_dir=tmp_path, n_jobs=1)
+    assert both.cache_hit
+    assert list(both.table.index) == ["p0", "twin"]
+    np.testing.assert_array_equal(both.table.loc["twin"], first.table.loc["p0"])

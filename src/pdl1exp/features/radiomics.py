@@ -107,8 +107,8 @@ def perturb(image: sitk.Image, roi: sitk.Image, *, perturbation: str | None,
     if perturbation == "shift":
         offset = [shift_fraction * s for s in image.GetSpacing()]
         move = sitk.TranslationTransform(3, offset)
-        moved = sitk.Resample(image, image, move, sitk.sitkBSpline, float(np.min(
-            sitk.GetArrayViewFromImage(image))))
+        # The voxels that enter through the border copy their neighbours.
+        moved = sitk.Resample(image, image, move, sitk.sitkBSpline, 0.0, sitk.sitkUnknown, True)
         partial = sitk.Resample(sitk.Cast(roi, sitk.sitkFloat32), roi, move, sitk.sitkLinear, 0.0)
         return moved, sitk.Cast(partial >= 0.5, sitk.sitkUInt8)
     msg = f"perturbation={perturbation!r} is not one of {(None, *PERTURBATIONS)}"
@@ -193,8 +193,8 @@ def extract_radiomics(rois: pd.DataFrame, *, params: Mapping[str, Any], cache_di
             todo.append({"patient_id": pid, "image": row["image"], "mask": row["mask"],
                          "label": label, "params": params, "perturbation": perturbation,
                          "shift_fraction": shift_fraction})
-        else:
-            rows[pid] = hit
+        else:  # another patient with the same files may have written it
+            rows[pid] = hit.set_axis(pd.Index([pid], name="patient_id"))
     workers = min(_resolve_jobs(n_jobs), max(1, len(todo)))
     log.info("Radiomics (%s): %d patients cached, %d to extract on %d process(es)",
              perturbation or "original", len(rows), len(todo), workers)
