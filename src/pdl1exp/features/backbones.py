@@ -6,7 +6,7 @@ AIM-Harvard/foundation-cancer-image-biomarker (commit 02a320e2):
 pretrained=False, n_input_channels=1, widen_factor=2, conv1_t_stride=2, feed_forward=False)``;
 everything else is MONAI's ``ResNet`` default (``conv1_t_size=7``, max pool, ``shortcut_type="B"``,
 ``bias_downsample=True``, which its checkpoint's ``layer*.0.downsample.0.bias`` keys require).
-Lines 25-26 read the weights from the checkpoint's ``trunk_state_dict``. Its embedding is
+Lines 26-27 read the weights from the checkpoint's ``trunk_state_dict``. Its embedding is
 ``2048 * widen_factor`` = 4096. The preprocessing it expects is documented in
 :mod:`pdl1exp.imaging.crop` (``seed_patch_3d``) and ``conf/preprocess/fmcib.yaml``.
 """

@@ -2,7 +2,7 @@
 
 FMCIB's published ``fmcib.torch`` is a user-supplied file (never downloaded here): its trunk
 sits under ``trunk_state_dict`` (AIM-Harvard/foundation-cancer-image-biomarker,
-``fmcib/models/resnet50.py`` lines 25-26, ``fmcib/models/load_model.py`` ``LoadModel.load``),
+``fmcib/models/resnet50.py`` lines 26-27, ``fmcib/models/load_model.py`` ``LoadModel.load``),
 and FMCIB feeds the network its [0, 1]-scaled patch without further normalisation
 (``fmcib/preprocessing/__init__.py`` ``get_transforms``: ``ScaleIntensityRanged`` is the
 last intensity step).
