@@ -81,3 +81,17 @@ def test_invalid_options_are_rejected_with_the_valid_values():
         build_backbone(name="resnet50", spatial_dims=1)
     with pytest.raises(ValueError, match="only available for the ResNet backbones"):
         build_backbone(name="densenet121", spatial_dims=2, multi_stage=True)
+
+
+def test_fmcib_trunk_is_monais_resnet50_with_fmcibs_hyper_parameters():
+    # fmcib/models/resnet50.py: resnet50(n_input_channels=1, widen_factor=2, conv1_t_stride=2,
+    # feed_forward=False); MONAI's defaults otherwise (bias_downsample=True, shortcut B).
+    ours = build_backbone(name="fmcib_resnet50", spatial_dims=3, in_channels=1)
+    reference = resnet50(n_input_channels=1, widen_factor=2, conv1_t_stride=2, feed_forward=False,
+                         bias_downsample=True, shortcut_type="B", conv1_t_size=7)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in reference.state_dict().items()}
+    assert ours.embedding_dim == 4096
+    assert ours.conv1.stride == (2, 2, 2)
+    with pytest.raises(ValueError, match="fmcib_resnet50 exists only with spatial_dims"):
+        build_backbone(name="fmcib_resnet50", spatial_dims=2, in_channels=1)

@@ -18,6 +18,8 @@ from pdl1exp.features.weights import (
     IMAGENET_STD,
     NEUTRAL_MEAN,
     NEUTRAL_STD,
+    RAW_MEAN,
+    RAW_STD,
     input_normalisation,
     load_weights,
 )
@@ -292,8 +294,54 @@ def test_input_normalisation_follows_the_weights():
     assert input_normalisation("imagenet:0123456789ab") == (IMAGENET_MEAN, IMAGENET_STD)
     assert input_normalisation("file:0123456789ab") == (IMAGENET_MEAN, IMAGENET_STD)
     assert input_normalisation("random:0") == (NEUTRAL_MEAN, NEUTRAL_STD)
+    # FMCIB was trained on the [0, 1] window itself; its random trunk is neutral.
+    assert input_normalisation("file:0123456789ab", arch="fmcib_resnet50") == (RAW_MEAN, RAW_STD)
+    assert input_normalisation("random:0", arch="fmcib_resnet50") == (NEUTRAL_MEAN, NEUTRAL_STD)
     with pytest.raises(ValueError, match="imagenet"):
         input_normalisation("medicalnet:0")
+
+
+def _fmcib_trunk() -> torch.nn.Module:
+    """FMCIB's trunk as fmcib/models/resnet50.py builds it (MONAI defaults otherwise)."""
+    return resnet50(pretrained=False, n_input_channels=1, widen_factor=2, conv1_t_stride=2,
+                    feed_forward=False)
+
+
+def _fmcib_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> Path:
+    """A file in fmcib.torch's format: the trunk under trunk_state_dict, beside the head."""
+    head = {"0.0.weight": torch.zeros(2048, 4096), "0.0.bias": torch.zeros(2048)}
+    torch.save({"trunk_state_dict": state, "head_state_dict": head}, path)
+    return path
+
+
+def test_fmcib_checkpoint_loads_strictly(tmp_path):
+    torch.manual_seed(7)
+    trunk = _fmcib_trunk()
+    path = _fmcib_checkpoint(tmp_path / "fmcib.torch", trunk.state_dict())
+    net = build_backbone(name="fmcib_resnet50", spatial_dims=3, in_channels=1)
+    tag = load_weights(net, weights=str(path), seed=0, arch="fmcib_resnet50")
+    assert tag == f"file:{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+    for key, value in trunk.state_dict().items():
+        assert torch.equal(net.state_dict()[key], value), key
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(net.eval()(x), trunk.eval()(x))
+
+
+def test_fmcib_checkpoint_that_does_not_fit_lists_the_keys(tmp_path):
+    state = _fmcib_trunk().state_dict()
+    bias = state.pop("layer2.0.downsample.0.bias")  # a trunk without bias_downsample
+    state["layer9.extra"] = bias
+    state["conv1.weight"] = torch.zeros(128, 3, 7, 7, 7)  # three input channels
+    path = _fmcib_checkpoint(tmp_path / "fmcib.torch", state)
+    net = build_backbone(name="fmcib_resnet50", spatial_dims=3, in_channels=1)
+    with pytest.raises(ValueError, match="fit the fmcib_resnet50 backbone") as info:
+        load_weights(net, weights=str(path), seed=0, arch="fmcib_resnet50")
+    message = str(info.value)
+    assert "trunk_state_dict" in message
+    assert "missing keys (1): layer2.0.downsample.0.bias" in message
+    assert "unexpected keys (1): layer9.extra" in message
+    assert "conv1.weight: checkpoint [128, 3, 7, 7, 7] vs network [128, 1, 7, 7, 7]" in message
 
 
 def test_explicit_random_emits_no_warning():

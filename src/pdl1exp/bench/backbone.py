@@ -1,4 +1,8 @@
-"""CPU throughput of a feature backbone in fp32 and bf16, against the machine's matmul peak."""
+"""CPU throughput of the feature backbones in fp32 and bf16, against the machine's matmul peak.
+
+The 2D backbone's measures are unprefixed (the ``backbone`` section's contract); the 3D one's
+(``fmcib_3d``: FMCIB's trunk on its 50³ patch) carry its name as a prefix.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
 from pdl1exp.features.backbones import build_backbone
@@ -24,50 +29,67 @@ MATMUL_REPEATS = 8  # best of several: short enough to catch a moment without ot
 def run(
     *,
     n_images: int = 64,
+    n_volumes: int = 8,
     threads: int = 2,
     backbone: str = "resnet50_2d",
+    backbone_3d: str = "fmcib_3d",
     conf_dir: str | Path = "conf",
 ) -> dict[str, float]:
     """Measure ROIs/s (fp32, bf16 autocast), FLOPs per ROI and the fp32/bf16 matmul peaks.
 
-    The network, ROI size, batch size and memory format are those of
-    ``conf/backbone/<backbone>.yaml``; inference runs in eval mode under
+    The network, input channels, ROI size, batch size and memory format are those of the
+    composed config with ``backbone=<name>``; inference runs in eval mode under
     ``torch.inference_mode``. ROIs/s are those of the median timed batch (``*_best_batch``:
     the fastest, the machine's capability when other processes compete for the cores);
     fractions are achieved FLOP/s of the median batch over the matmul peak.
 
     Args:
-        n_images: ROIs timed per precision (rounded up to whole batches).
+        n_images: 2D ROIs timed per precision (rounded up to whole batches).
+        n_volumes: 3D ROIs timed per precision (rounded up to whole batches).
         threads: intra-op CPU threads.
-        backbone: name of the backbone config.
+        backbone: name of the 2D backbone config.
+        backbone_3d: name of the 3D backbone config (measures prefixed with it).
         conf_dir: the Hydra config folder.
     """
-    cfg = OmegaConf.load(Path(conf_dir) / "backbone" / f"{backbone}.yaml")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        net = build_backbone(
-            name=cfg.arch, spatial_dims=cfg.spatial_dims, multi_stage=cfg.multi_stage
-        ).eval()
-        batch = torch.rand(cfg.batch_size, 3, *cfg.input_size)
-        if cfg.channels_last:
-            memory_format = torch.channels_last if cfg.spatial_dims == 2 else torch.channels_last_3d
-            net = net.to(memory_format=memory_format)
-            batch = batch.contiguous(memory_format=memory_format)
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-            net(batch[:1])
-        flop_per_image = counter.get_total_flops()
-        n_batches = math.ceil(n_images / cfg.batch_size)
-        fp32, fp32_best = _rois_per_s(net, batch, n_batches=n_batches, bf16=False)
-        bf16, bf16_best = _rois_per_s(net, batch, n_batches=n_batches, bf16=True)
-        peak_fp32 = _matmul_peak(torch.float32)
-        peak_bf16 = _matmul_peak(torch.bfloat16)
+        peaks = {"fp32": _matmul_peak(torch.float32), "bf16": _matmul_peak(torch.bfloat16)}
+        plain = _measure(_compose(conf_dir, backbone), n_images=n_images, peaks=peaks)
+        volume = _measure(_compose(conf_dir, backbone_3d), n_images=n_volumes, peaks=peaks)
     finally:
         torch.set_num_threads(previous_threads)
+    return {"threads": threads, **plain,
+            **{f"{backbone_3d}_{k}": v for k, v in volume.items() if not k.startswith("matmul")}}
+
+
+def _compose(conf_dir: str | Path, backbone: str) -> DictConfig:
+    """The root config composed with ``backbone=<backbone>`` (its ROI and preprocessing)."""
+    with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
+        return compose("config", overrides=[f"backbone={backbone}"])
+
+
+def _measure(cfg: DictConfig, *, n_images: int, peaks: dict[str, float]) -> dict[str, float]:
+    """Throughput of ``cfg.backbone`` on random inputs of its ROI's shape."""
+    bb = cfg.backbone
+    net = build_backbone(name=bb.arch, spatial_dims=bb.spatial_dims, in_channels=cfg.roi.channels,
+                         multi_stage=bb.multi_stage).eval()
+    batch = torch.rand(bb.batch_size, cfg.roi.channels, *bb.input_size)
+    if bb.channels_last:
+        memory_format = torch.channels_last if bb.spatial_dims == 2 else torch.channels_last_3d
+        net = net.to(memory_format=memory_format)
+        batch = batch.contiguous(memory_format=memory_format)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        net(batch[:1])
+    flop_per_image = counter.get_total_flops()
+    n_batches = math.ceil(n_images / bb.batch_size)
+    fp32, fp32_best = _rois_per_s(net, batch, n_batches=n_batches, bf16=False)
+    bf16, bf16_best = _rois_per_s(net, batch, n_batches=n_batches, bf16=True)
+    peak_fp32, peak_bf16 = peaks["fp32"], peaks["bf16"]
     return {
-        "threads": threads,
-        "batch_size": cfg.batch_size,
-        "images_timed": n_batches * cfg.batch_size,
+        "input_size": "x".join(str(s) for s in bb.input_size),
+        "batch_size": bb.batch_size,
+        "images_timed": n_batches * bb.batch_size,
         "gflop_per_image": flop_per_image / 1e9,
         "fp32_rois_per_s": fp32,
         "bf16_rois_per_s": bf16,

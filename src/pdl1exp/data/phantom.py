@@ -3,10 +3,12 @@
 A phantom is a crop of a chest CT around one lung: air outside the body, a fat/muscle chest
 wall, the mediastinum bulging in from one side, lung parenchyma at about -850 HU with a
 gravity gradient, vessels and noise, and one tumour with an irregular (lobulated, optionally
-spiculated) margin, internal texture and an optional ground-glass (part-solid) rim. The tumour
-can abut the pleura or have a vessel running into it, the two cases that defeat naive
-region growing. Everything is drawn on voxel centres in millimetres, then blurred by a scanner
-point-spread function and noised, so anisotropic spacing changes the sampling, not the anatomy.
+spiculated) margin, internal texture and an optional ground-glass (part-solid) rim or air
+cavity. The tumour can abut the pleura or the mediastinum (behind an optional mediastinal fat
+plane), bulge into the mediastinum (hilar) or have a vessel running into it, the cases that
+defeat naive region growing. Everything is drawn on voxel centres in millimetres, then
+blurred by a scanner point-spread function and noised, so anisotropic spacing changes the
+sampling, not the anatomy. Defaults render the phantoms of earlier versions bit for bit.
 
 Example:
     >>> rng = np.random.default_rng(0)
@@ -39,6 +41,8 @@ class _Tissue:
 HU = _Tissue()
 """Nominal attenuation of each tissue in Hounsfield units."""
 
+_LOCATIONS = ("central", "pleural", "mediastinal", "hilar")
+
 
 @dataclass(frozen=True)
 class ScanSpec:
@@ -50,6 +54,8 @@ class ScanSpec:
         noise_hu: standard deviation of the quantum noise.
         psf_mm: Gaussian point-spread-function sigma of the scanner.
         n_vessels: lung vessels drawn besides the tumour's own.
+        mediastinal_fat_mm: thickness of the fat plane under the mediastinal pleura (0: none,
+            the mediastinum is uniform soft tissue).
     """
 
     shape: tuple[int, int, int] = (128, 128, 48)
@@ -57,6 +63,7 @@ class ScanSpec:
     noise_hu: float = 20.0
     psf_mm: float = 0.7
     n_vessels: int = 10
+    mediastinal_fat_mm: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -70,9 +77,13 @@ class TumourSpec:
         heterogeneity_hu: standard deviation of the internal texture of the solid part.
         texture_mm: correlation length of the internal texture.
         solid_fraction: volume fraction of the solid core; below 1 the rest is ground glass.
-        attenuation_hu: mean attenuation of the solid part.
-        location: ``"central"`` (surrounded by lung) or ``"pleural"`` (abutting the chest wall).
+        attenuation_hu: mean attenuation of the solid part (about -550 for a pure
+            ground-glass nodule).
+        location: ``"central"`` (surrounded by lung), ``"pleural"`` (abutting the chest wall),
+            ``"mediastinal"`` (abutting the mediastinum) or ``"hilar"`` (bulging into it).
         vessel_attached: draw a vessel that runs into the tumour.
+        cavity_fraction: radius of an air cavity inside the tumour, as a fraction of its
+            radius (0: none); the cavity belongs to the tumour's mask.
     """
 
     diameter_mm: float = 15.0
@@ -84,10 +95,14 @@ class TumourSpec:
     attenuation_hu: float = 35.0
     location: str = "central"
     vessel_attached: bool = False
+    cavity_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.location not in ("central", "pleural"):
-            msg = f"TumourSpec.location must be 'central' or 'pleural', got {self.location!r}"
+        if self.location not in _LOCATIONS:
+            msg = f"TumourSpec.location must be one of {_LOCATIONS}, got {self.location!r}"
+            raise ValueError(msg)
+        if not 0.0 <= self.cavity_fraction < 0.6:
+            msg = f"TumourSpec.cavity_fraction must be in [0, 0.6), got {self.cavity_fraction}"
             raise ValueError(msg)
         if not 0.0 < self.solid_fraction <= 1.0:
             msg = f"TumourSpec.solid_fraction must be in (0, 1], got {self.solid_fraction}"
@@ -151,9 +166,9 @@ def _ellipse_level(x: np.ndarray, y: np.ndarray, cx: float, cy: float,
     return ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2
 
 
-def _anatomy(x: np.ndarray, y: np.ndarray, z: np.ndarray,
-             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Body, lung and chest-wall fat masks of a thoracic crop."""
+def _anatomy(x: np.ndarray, y: np.ndarray, z: np.ndarray, rng: np.random.Generator,
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Body, lung, chest-wall fat and mediastinum masks of a thoracic crop."""
     half_w, half_h = float(x.max()), float(y.max())
     half_z = max(float(z.max()), 1.0)
     taper = 1.0 - 0.08 * (z / half_z)  # the lung narrows towards the apex
@@ -166,16 +181,25 @@ def _anatomy(x: np.ndarray, y: np.ndarray, z: np.ndarray,
                                  0.45 * half_w, 0.6 * half_h) < 1.0
     lung &= ~mediastinum
     fat = body & ~inner_body
-    return body, lung, fat
+    return body, lung, fat, mediastinum
 
 
-def _tumour_centre(lung: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray,
-                   radius: float, spec: TumourSpec, rng: np.random.Generator) -> np.ndarray:
-    """A centre whose tumour lies inside the lung, or abuts the pleura when ``pleural``."""
-    inside = ndimage.distance_transform_edt(lung, sampling=_spacing_zyx(x, y, z))
+def _tumour_centre(lung: np.ndarray, mediastinum: np.ndarray, x: np.ndarray, y: np.ndarray,
+                   z: np.ndarray, radius: float, spec: TumourSpec,
+                   rng: np.random.Generator) -> np.ndarray:
+    """A centre whose tumour lies inside the lung, or abuts the pleura or mediastinum."""
+    sampling = _spacing_zyx(x, y, z)
+    inside = ndimage.distance_transform_edt(lung, sampling=sampling)
     if spec.location == "pleural":
         # Centre about 0.8 r from the pleura: the tumour touches and flattens on the wall.
         candidates = np.abs(inside - 0.8 * radius) < 0.75
+    elif spec.location in ("mediastinal", "hilar"):
+        # Mediastinal: like pleural, against the mediastinum. Hilar: centre 0.3 r from the
+        # mediastinal pleura, bulging into the mediastinum outside the aerated lung's hull.
+        offset = 0.8 if spec.location == "mediastinal" else 0.3
+        to_mediastinum = ndimage.distance_transform_edt(~mediastinum, sampling=sampling)
+        candidates = ((np.abs(inside - offset * radius) < 0.75)
+                      & (to_mediastinum < inside + 1.0))
     else:
         candidates = inside > radius * 1.35 + 3.0
     # Keep away from the top and bottom slices so the tumour is fully in the field of view.
@@ -230,18 +254,21 @@ def render_ct(scan: ScanSpec, tumour: TumourSpec, rng: np.random.Generator) -> P
     """
     x, y, z, origin = _grid(scan)
     spacing_zyx = _spacing_zyx(x, y, z)
-    body, lung, fat = _anatomy(x, y, z, rng)
+    body, lung, fat, mediastinum = _anatomy(x, y, z, rng)
 
     ct = np.full(x.shape, HU.air, dtype=np.float32)
     ct[body] = HU.muscle
     ct[fat] = HU.fat
+    if scan.mediastinal_fat_mm > 0:
+        depth = ndimage.distance_transform_edt(mediastinum, sampling=spacing_zyx)
+        ct[mediastinum & body & (depth <= scan.mediastinal_fat_mm)] = HU.fat
     # Dependent (posterior, +y) lung is denser: the gravity gradient seen on supine CT.
     gradient = 40.0 * (y / max(float(y.max()), 1.0))
     parenchyma = HU.lung + gradient + 25.0 * _smooth_field(x.shape, 3.0, spacing_zyx, rng)
     ct[lung] = parenchyma[lung]
 
     radius = tumour.diameter_mm / 2
-    centre = _tumour_centre(lung, x, y, z, radius, tumour, rng)
+    centre = _tumour_centre(lung, mediastinum, x, y, z, radius, tumour, rng)
 
     vessels = np.zeros(x.shape, dtype=bool)
     half = np.array([x.max(), y.max(), z.max()], dtype=np.float32)
@@ -258,7 +285,8 @@ def render_ct(scan: ScanSpec, tumour: TumourSpec, rng: np.random.Generator) -> P
     ct[vessels] = HU.blood
 
     region, rho = _tumour_shape(x, y, z, centre, radius, tumour, rng)
-    region &= lung  # a pleural tumour stops at the chest wall
+    # A tumour stops at the chest wall and the mediastinum; a hilar one displaces the latter.
+    region &= (lung | mediastinum) if tumour.location == "hilar" else lung
     texture = tumour.heterogeneity_hu * _smooth_field(x.shape, tumour.texture_mm,
                                                       spacing_zyx, rng)
     core = rho <= tumour.solid_fraction ** (1 / 3)
@@ -266,15 +294,28 @@ def render_ct(scan: ScanSpec, tumour: TumourSpec, rng: np.random.Generator) -> P
     ground_glass = region & ~core
     ct[solid] = tumour.attenuation_hu + texture[solid]
     ct[ground_glass] = HU.ground_glass + 0.5 * texture[ground_glass] + 3 * gradient[ground_glass]
+    cavity = np.zeros(x.shape, dtype=bool)
+    if tumour.cavity_fraction > 0:
+        # Off-centre, as cavities usually are: the wall is thick on one side.
+        offset = rng.standard_normal(3).astype(np.float32)
+        offset *= 0.2 * radius / np.linalg.norm(offset)
+        c = centre + offset
+        cavity = region & (np.sqrt((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2)
+                           < tumour.cavity_fraction * radius)
+        ct[cavity] = HU.air
 
     ct = ndimage.gaussian_filter(ct, sigma=scan.psf_mm / spacing_zyx)
     ct += scan.noise_hu * rng.standard_normal(ct.shape).astype(np.float32)
     ct = np.clip(np.rint(ct), -1024, 3071).astype(np.int16)
 
-    seed_candidates = np.flatnonzero(solid & (rho < 0.5))
-    if seed_candidates.size == 0:
-        seed_candidates = np.flatnonzero(region)
-    pick = seed_candidates[np.argmin(rho.flat[seed_candidates])]
+    if cavity.any():  # the middle of the thick wall, clear of the cavity's blurred edge
+        pick = int(np.argmax(ndimage.distance_transform_edt(solid & ~cavity,
+                                                            sampling=spacing_zyx)))
+    else:
+        seed_candidates = np.flatnonzero(solid & (rho < 0.5))
+        if seed_candidates.size == 0:
+            seed_candidates = np.flatnonzero(region)
+        pick = seed_candidates[np.argmin(rho.flat[seed_candidates])]
     seed = (float(x.flat[pick]), float(y.flat[pick]), float(z.flat[pick]))
     return Phantom(ct=ct, mask=region.astype(np.uint8), spacing=tuple(scan.spacing),
                    origin=tuple(float(o) for o in origin), seed_mm=seed)

@@ -1,4 +1,12 @@
-"""Backbone weights: ImageNet, a checkpoint file or seeded random, tagged by what was loaded."""
+"""Backbone weights: ImageNet, a checkpoint file or seeded random, tagged by what was loaded.
+
+FMCIB's published ``fmcib.torch`` is a user-supplied file (never downloaded here): its trunk
+sits under ``trunk_state_dict`` (AIM-Harvard/foundation-cancer-image-biomarker,
+``fmcib/models/resnet50.py`` lines 26-27, ``fmcib/models/load_model.py`` ``LoadModel.load``),
+and FMCIB feeds the network its [0, 1]-scaled patch without further normalisation
+(``fmcib/preprocessing/__init__.py`` ``get_transforms``: ``ScaleIntensityRanged`` is the
+last intensity step).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +28,8 @@ __all__ = [
     "IMAGENET_URLS",
     "NEUTRAL_MEAN",
     "NEUTRAL_STD",
+    "RAW_MEAN",
+    "RAW_STD",
     "input_normalisation",
     "load_weights",
 ]
@@ -39,14 +49,20 @@ IMAGENET_URLS: dict[str, tuple[str, ...]] = {
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # An untrained network has no input statistics to match: map a [0, 1] intensity window to
-# [-1, 1], zero-centred at roughly the scale ImageNet-normalised inputs have.
-NEUTRAL_MEAN = (0.5, 0.5, 0.5)
-NEUTRAL_STD = (0.5, 0.5, 0.5)
+# [-1, 1], zero-centred at roughly the scale ImageNet-normalised inputs have. One value,
+# broadcast over any number of input channels.
+NEUTRAL_MEAN = (0.5,)
+NEUTRAL_STD = (0.5,)
+# Checkpoints trained on the [0, 1] window itself (FMCIB) take it unchanged.
+RAW_MEAN = (0.0,)
+RAW_STD = (1.0,)
+_RAW_INPUT_ARCHS = ("fmcib_resnet50",)
 
 WEIGHT_MODES = ("auto", "imagenet", "random")
 TAG_KINDS = ("imagenet", "file", "random")
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
-_WRAPPER_KEYS = ("state_dict", "model")
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".torch")
+# FMCIB (VISSL) keeps its trunk under trunk_state_dict, beside head_state_dict.
+_WRAPPER_KEYS = ("trunk_state_dict", "state_dict", "model")
 # Classification heads of torchvision (fc, classifier) and MONAI (fc): the embedding has none.
 _HEAD_PREFIXES = ("fc.", "classifier.")
 # torchvision DenseNet keys `denselayerN.norm1.` (or pre-0.3 `norm.1.`) sit under MONAI's
@@ -74,7 +90,8 @@ def load_weights(
         net: a network from :func:`pdl1exp.features.backbones.build_backbone` (or the plain
             MONAI network of the same layout).
         weights: ``auto`` (ImageNet when its checkpoint is cached, else seeded random with a
-            warning), ``imagenet``, ``random``, or a ``.pth``/``.pt``/``.safetensors`` path.
+            warning), ``imagenet``, ``random``, or a ``.pth``/``.pt``/``.safetensors``/``.torch``
+            path (FMCIB's ``fmcib.torch``: its ``trunk_state_dict``).
         seed: seed of the random initialisation.
         arch: architecture of ``net``, one of ``BACKBONES``; selects the ImageNet checkpoint.
         hub_dir: torch hub folder holding ``checkpoints/<file>``; default
@@ -129,20 +146,26 @@ def load_weights(
 
 
 def input_normalisation(
-    weights_tag: str,
-) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    weights_tag: str, *, arch: str = "resnet50"
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel ``(mean, std)`` to apply to ``[0, 1]`` inputs for the loaded weights.
 
-    ImageNet statistics for ``imagenet:`` and ``file:`` weights (checkpoint files are taken
-    to be torchvision-style ImageNet networks or their fine-tunes); for ``random:`` weights
-    the neutral ``(0.5, 0.5)``, which maps ``[0, 1]`` onto ``[-1, 1]``.
+    For ``random:`` weights the neutral ``(0.5, 0.5)``, which maps ``[0, 1]`` onto
+    ``[-1, 1]``; for ``file:`` weights of ``fmcib_resnet50`` none (``(0, 1)``: FMCIB was
+    trained on the [0, 1] window); else ImageNet statistics (checkpoint files are taken to be
+    torchvision-style ImageNet networks or their fine-tunes). One-value statistics broadcast
+    over any number of channels.
 
     Args:
         weights_tag: the tag returned by :func:`load_weights`.
+        arch: architecture the weights were loaded into, one of ``BACKBONES``.
     """
     kind = look_up_option(weights_tag.partition(":")[0], TAG_KINDS)
+    arch = look_up_option(arch, BACKBONES)
     if kind == "random":
         return NEUTRAL_MEAN, NEUTRAL_STD
+    if arch in _RAW_INPUT_ARCHS:
+        return RAW_MEAN, RAW_STD
     return IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -278,9 +301,14 @@ def _load_strict(
         if keys
     ]
     if problems:
+        expected_layout = (
+            "FMCIB's fmcib.torch with its trunk_state_dict"
+            if arch in _RAW_INPUT_ARCHS
+            else f"a torchvision- or MONAI-layout {arch} state dict"
+        )
         msg = (
-            f"weights from {source} do not fit the {arch} backbone (a torchvision- or "
-            f"MONAI-layout {arch} state dict is expected); " + "; ".join(problems)
+            f"weights from {source} do not fit the {arch} backbone ({expected_layout} is "
+            "expected); " + "; ".join(problems)
         )
         raise ValueError(msg)
     net.load_state_dict(state, strict=True)
