@@ -41,6 +41,8 @@ def test_option_composes_and_instantiates(compose_cfg, group: str, option: str) 
         overrides.append("dataset.path=cohort.csv")
     if group == "roi" and option == "patch_3d":
         overrides.append("backbone=resnet18_3d")
+    if group == "roi" and option == "seed_patch_3d":
+        overrides.append("backbone=fmcib_3d")
     cfg = compose_cfg(*overrides)
     for node in _targets(cfg[group]):
         target = _locate(node._target_)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ from pdl1exp.features import extract as extract_module
 from pdl1exp.features.cache import FeatureCache
 from pdl1exp.features.extract import extract_features, feature_key
 from pdl1exp.features.extractor import DeepFeatureExtractor
-from pdl1exp.features.weights import input_normalisation
 from pdl1exp.imaging.crop import TumourROId
 from pdl1exp.imaging.preprocess import build_transforms
 
@@ -278,11 +276,8 @@ def test_seed_patch_through_fmcibs_preprocessing(compose_cfg, rois) -> None:
     assert float(crop.max()) <= 1.0
 
 
-def test_fmcib_extracts_end_to_end(compose_cfg, rois, tmp_path: Path, monkeypatch) -> None:
+def test_fmcib_extracts_end_to_end(compose_cfg, rois, tmp_path: Path) -> None:
     """fmcib_3d from a checkpoint in FMCIB's format, through ``extract_features``."""
-    # Until extract.py passes arch=backbone.arch itself (a keyword it then overrides here).
-    monkeypatch.setattr(extract_module, "input_normalisation",
-                        partial(input_normalisation, arch="fmcib_resnet50"))
     torch.manual_seed(1)
     trunk = resnet50(n_input_channels=1, widen_factor=2, conv1_t_stride=2, feed_forward=False)
     path = tmp_path / "fmcib.torch"

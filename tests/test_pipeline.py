@@ -30,7 +30,8 @@ def test_smoke_experiment_end_to_end(compose_cfg, tmp_path: Path) -> None:
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert children == {"clinical/lr", "dlr/lr", "dlr/rf", "combined/lr"}
+    assert children == {"clinical/lr", "combined/lr"} | {
+        f"{fs}/{c}" for fs in ("dlr", "radiomics", "dlr+radiomics") for c in ("lr", "rf")}
     assert all(r.info.status == "FINISHED" for r in runs)
     dlr_lr = next(r for r in runs if r.info.run_name == "dlr/lr")
     assert dlr_lr.data.metrics["sweep_n_trials"] == cfg.tuning.n_trials
@@ -66,7 +67,8 @@ def test_smoke_experiment_end_to_end(compose_cfg, tmp_path: Path) -> None:
                                                  dst_path=str(tmp_path / "artifacts"))
     table = pd.read_csv(Path(folder) / "metrics.csv")
     assert set(table["split"]) == {"train", "cv", "test"}
-    assert set(table["feature_set"]) == {"clinical", "dlr", "combined"}
+    assert set(table["feature_set"]) == {"clinical", "dlr", "radiomics", "dlr+radiomics",
+                                         "combined"}
     report = (Path(folder) / "report.html").read_text()
     assert "AUC (95% CI)" in report
     assert "data:image/png;base64" in report

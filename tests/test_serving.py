@@ -6,8 +6,8 @@ import io
 import json
 import os
 import subprocess
-import warnings
 import sys
+import warnings
 from pathlib import Path
 
 import mlflow

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pdl1exp.data.load import cohort_stage
-from pdl1exp.data.manifest import problems_table
+from pdl1exp.data.manifest import CohortError, problems_table
 from pdl1exp.data.splits import assign_splits
 from pdl1exp.features.extract import (
     DEEP_PREFIX,
@@ -25,6 +25,7 @@ from pdl1exp.features.extract import (
     extract_features,
     extractor_identity,
 )
+from pdl1exp.features.radiomics import RadiomicsExtraction, extract_radiomics
 from pdl1exp.hashing import content_key
 from pdl1exp.imaging.qc import qc_figures
 from pdl1exp.imaging.rois import roi_stage
@@ -50,7 +51,7 @@ __all__ = ["FEATURE_SETS", "run"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_FEATURE_SETS = ("dlr",)
+IMAGE_FEATURE_SETS = ("dlr", "radiomics", "dlr+radiomics")
 FEATURE_SETS = ("clinical", *IMAGE_FEATURE_SETS, "combined")
 
 
@@ -116,6 +117,17 @@ def _nested(cfg: DictConfig, train: pd.DataFrame, features: dict[str, pd.DataFra
     return summary
 
 
+def _radiomics(cfg: DictConfig, rois: pd.DataFrame) -> RadiomicsExtraction:
+    """Handcrafted radiomics of every ROI (PyRadiomics, content-hashed cache)."""
+    rad = cfg.radiomics
+    extraction = extract_radiomics(rois, params=rad.params,
+                                   cache_dir=Path(cfg.paths.cache_dir) / "features",
+                                   n_jobs=rad.n_jobs, label=rad.label)
+    mlflow.set_tags({"radiomics_cache": "hit" if extraction.cache_hit else "miss",
+                     "radiomics_cache_key": extraction.key})
+    return extraction
+
+
 def _log_child(result: ModelResult, metrics: pd.DataFrame, tags: dict[str, str]) -> None:
     with tracked_run(result.name, nested=True, tags={**tags, "feature_set": result.feature_set,
                                                     "classifier": result.classifier}):
@@ -172,9 +184,16 @@ def run(cfg: DictConfig) -> float:
                    digest=cohort.data_hash, target="label")
         rois, roi_problems = roi_stage(cfg, cohort)
         problems = cohort.problems + roi_problems
+        _log_qc(cfg, rois)
+        radiomics = None
+        if {"radiomics", "dlr+radiomics"} & set(cfg.feature_sets):
+            radiomics = _radiomics(cfg, rois)
+            if radiomics.problems and cfg.dataset.on_error == "raise":
+                raise CohortError(cohort.source, radiomics.problems)
+            problems += radiomics.problems
+            rois = rois.loc[rois.index.isin(radiomics.table.index)]
         if problems:
             log_frame(problems_table(problems), "excluded_patients.csv")
-        _log_qc(cfg, rois)
         table = cohort.table.loc[rois.index].join(rois[list(ROI_DESCRIPTORS)])
         y = table["label"]
         splits = assign_splits(table, test_size=cfg.dataset.test_size, seed=cfg.seed)
@@ -183,9 +202,14 @@ def run(cfg: DictConfig) -> float:
 
         features: dict[str, pd.DataFrame] = {}
         extraction = None
-        if "dlr" in cfg.feature_sets:
+        if {"dlr", "dlr+radiomics"} & set(cfg.feature_sets):
             extraction = _deep_features(cfg, rois, y, splits)
             features["dlr"] = extraction.table.loc[rois.index].filter(like=DEEP_PREFIX, axis=1)
+        if radiomics is not None:
+            features["radiomics"] = radiomics.table.loc[rois.index]
+        if "dlr+radiomics" in cfg.feature_sets:  # early fusion: one selection over both
+            features["dlr+radiomics"] = features["dlr"].join(features["radiomics"])
+        features = {f: X for f, X in features.items() if f in cfg.feature_sets}
         chain = {"feature_sets": list(cfg.feature_sets),
                  "combined_signatures": list(cfg.combined_signatures),
                  "numeric": cohort.numeric, "categorical": cohort.categorical,
@@ -221,9 +245,14 @@ def run(cfg: DictConfig) -> float:
         selected = _selected_model(primary, fitted, cohort.clinical,
                                    list(cfg.combined_signatures))
         log_frame(held_out_frame(primary, y), PREDICTIONS_FILE)
-        inputs = table.join(pd.concat(features.values(), axis=1)) if features else table
+        columns = pd.concat(features.values(), axis=1) if features else None
+        inputs = table if columns is None else table.join(
+            columns.loc[:, ~columns.columns.duplicated()])
+        identity = extractor_identity(cfg, extraction) if extraction else {}
+        if radiomics is not None:  # predict recomputes the radiomics with these
+            identity |= {k: _plain(cfg, k) for k in ("radiomics", "segmentation")}
         log_selected_model(selected, example=inputs.loc[splits == "train"],
-                           extractor=extractor_identity(cfg, extraction) if extraction else {},
+                           extractor=identity,
                            registered_model=cfg.tracking.registered_model,
                            target=cohort.target_name)
         log.info("Primary model %s: training CV AUC %.3f; metrics in MLflow run %s",

@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from pdl1exp.data.load import cohort_stage
 from pdl1exp.data.manifest import CohortError, Problem, problems_table
 from pdl1exp.evaluation import delong_ci
-from pdl1exp.features.extract import extract_features, extractor_code_version
+from pdl1exp.features.extract import DEEP_PREFIX, extract_features, extractor_code_version
+from pdl1exp.features.radiomics import RADIOMICS_PREFIX, extract_radiomics
 from pdl1exp.imaging.rois import roi_stage
 from pdl1exp.paths import CONFIG_DIR
 
@@ -87,19 +88,32 @@ def _check_extraction(extractor: dict[str, Any], *, weights_tag: str, precision:
 
 
 def _model_inputs(cfg: DictConfig, stage: DictConfig, extractor: dict[str, Any], *,
-                  deep: bool) -> tuple[pd.DataFrame, list[Problem]]:
-    """Cohort table (+ deep features) of the usable patients, and the problems of the rest."""
+                  deep: bool, radiomics: bool) -> tuple[pd.DataFrame, list[Problem]]:
+    """Cohort table (+ deep features, + radiomics) of the usable patients, and the problems
+    of the rest."""
     cohort = cohort_stage(stage, require_label=False)
-    if not deep:
+    if not (deep or radiomics):
         return cohort.table, list(cohort.problems)
-    rois, roi_problems = roi_stage(stage, cohort)
-    extraction = extract_features(rois, preprocess=stage.preprocess, roi=stage.roi,
-                                  backbone=stage.backbone, seed=stage.seed,
-                                  cache_dir=Path(cfg.paths.cache_dir) / "features")
-    _check_extraction(extractor, weights_tag=extraction.weights_tag,
-                      precision=extraction.precision)
-    inputs = cohort.table.loc[rois.index].join(extraction.table)
-    return inputs, [*cohort.problems, *roi_problems]
+    rois, problems = roi_stage(stage, cohort)
+    problems = [*cohort.problems, *problems]
+    inputs = cohort.table.loc[rois.index]
+    cache = Path(cfg.paths.cache_dir) / "features"
+    if radiomics:
+        rad = extract_radiomics(rois, params=stage.radiomics.params, cache_dir=cache,
+                                n_jobs=stage.radiomics.n_jobs, label=stage.radiomics.label)
+        if rad.problems and stage.dataset.on_error == "raise":
+            raise CohortError(stage.dataset.path, rad.problems)
+        problems += rad.problems
+        rois = rois.loc[rois.index.isin(rad.table.index)]
+        inputs = inputs.loc[rois.index].join(rad.table)
+    if deep:
+        extraction = extract_features(rois, preprocess=stage.preprocess, roi=stage.roi,
+                                      backbone=stage.backbone, seed=stage.seed,
+                                      cache_dir=cache)
+        _check_extraction(extractor, weights_tag=extraction.weights_tag,
+                          precision=extraction.precision)
+        inputs = inputs.join(extraction.table.filter(like=DEEP_PREFIX, axis=1))
+    return inputs, problems
 
 
 def predict(cfg: DictConfig) -> pd.DataFrame:
@@ -109,15 +123,17 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     model = mlflow.pyfunc.load_model(uri)
     wrapper = model.unwrap_python_model()
     selected, extractor = wrapper.model, wrapper.extractor
-    deep = {c for columns in (selected.image_features or {}).values() for c in columns}
+    image = {c for columns in (selected.image_features or {}).values() for c in columns}
+    deep = any(c.startswith(DEEP_PREFIX) for c in image)
     schema = model.metadata.get_input_schema()
-    kinds = {c.name: c.type for c in schema.inputs if c.name not in deep}
+    kinds = {c.name: c.type for c in schema.inputs if c.name not in image}
     numeric = [c for c, kind in kinds.items() if kind == DataType.double]
     categorical = [c for c, kind in kinds.items() if kind == DataType.string]
     if deep:
         _check_reproducible(extractor)
     stage = _stage_config(cfg, extractor, numeric=numeric, categorical=categorical)
-    inputs, problems = _model_inputs(cfg, stage, extractor, deep=bool(deep))
+    inputs, problems = _model_inputs(cfg, stage, extractor, deep=deep,
+                                     radiomics=any(c.startswith(RADIOMICS_PREFIX) for c in image))
     scores = model.predict(inputs[schema.input_names()])
     output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,7 @@ def feature_key(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictConfig,
     arch = OmegaConf.to_container(backbone, resolve=True)
     return content_key({
         **({"finetune": finetune} if finetune else {}),
-        "patients": rois[["image_sha", "mask_key"]].sort_index().to_dict("index"),
+        "patients": rois[["image_sha", "mask_key", "seed"]].sort_index().to_dict("index"),
         "preprocess": OmegaConf.to_container(preprocess, resolve=True),
         "roi": OmegaConf.to_container(roi, resolve=True),
         "backbone": {k: arch[k] for k in ("arch", "spatial_dims", "multi_stage", "input_size")},
@@ -157,8 +157,8 @@ def _merge(batches: list[dict]) -> tuple[list[str], np.ndarray]:
 
 
 def _items(rois: pd.DataFrame) -> list[dict[str, Any]]:
-    return [{"patient_id": pid, "image": row["image"], "mask": row["mask"]}
-            for pid, row in rois.iterrows()]
+    return [{"patient_id": pid, "image": row["image"], "mask": row["mask"],
+             "seed": row.get("seed")} for pid, row in rois.iterrows()]
 
 
 def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictConfig,
@@ -203,7 +203,7 @@ def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
     transform = build_transforms(spacing_mm=preprocess.spacing_mm, axcodes=preprocess.axcodes,
                                  window_width=preprocess.window_width,
                                  window_level=preprocess.window_level, roi=instantiate(roi))
-    mean, std = input_normalisation(tag)
+    mean, std = input_normalisation(tag, arch=backbone.arch)
     if spec:
         net, tuned = finetune_backbone(
             net, items_train=_items(rois.loc[train_labels.index]),

@@ -45,7 +45,8 @@ def prepare_rois(table: pd.DataFrame, *, segmenter: Segmenter | None,
 
     Returns:
         Index patient_id with ``image``, ``mask``, ``image_sha``, ``mask_key``,
-        ``roi_source`` (provided/seeded), ``roi_volume_ml``, ``roi_max_diameter_mm``;
+        ``roi_source`` (provided/seeded), ``seed`` (LPS mm or None: the centre of a seed
+        patch), ``roi_volume_ml``, ``roi_max_diameter_mm``;
         and the problems of patients that could not get a mask.
     """
     mask_dir = Path(mask_dir)
@@ -75,6 +76,7 @@ def prepare_rois(table: pd.DataFrame, *, segmenter: Segmenter | None,
         sizes = roi_measurements(mask)
         return {"patient_id": pid, "image": row["image"], "mask": str(path),
                 "image_sha": row["image_sha"], "mask_key": key, "roi_source": source,
+                "seed": row["seed"],
                 "roi_volume_ml": sizes["volume_ml"],
                 "roi_max_diameter_mm": sizes["max_diameter_mm"]}
 
