@@ -49,3 +49,18 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cohort")
     generator = instantiate(cfg.dataset.generator, cache_dir=str(root), **TINY)
     return generator.write()
+
+
+@pytest.fixture(scope="session")
+def smoke_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DictConfig]:
+    """One ``+experiment=smoke`` run shared by the tests that read its store (its root and
+    config): the end-to-end checks, predict and promote."""
+    from pdl1exp.pipeline import run
+
+    root = tmp_path_factory.mktemp("smoke")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=smoke", *tiny_overrides(root)])
+    GlobalHydra.instance().clear()
+    run(cfg)
+    return root, cfg

@@ -192,6 +192,7 @@ def test_fixed_fov_keeps_physical_scale() -> None:
     assert float(huge[:, 0].max()) < 0.5
 
 
+@pytest.mark.slow
 def test_two_device_ddp_extraction_gathers_every_patient(compose_cfg, rois,
                                                          tmp_path: Path) -> None:
     """Spawned DDP on two CPU processes gives the single-device features, all patients."""

@@ -187,6 +187,7 @@ def test_finetuning_needs_training_labels_of_both_classes(compose_cfg, cohort,
         _extract(cfg, rois, tmp_path, train_labels=one_class)
 
 
+@pytest.mark.slow
 def test_pipeline_finetunes_on_training_patients_only(compose_cfg, cohort, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     rois, labels, _ = cohort

@@ -21,10 +21,9 @@ def _runs(root: Path, experiment: str) -> list:
     return mlflow.search_runs(experiment_names=[experiment], output_format="list")
 
 
-def test_smoke_experiment_end_to_end(compose_cfg, tmp_path: Path) -> None:
-    cfg = compose_cfg("+experiment=smoke", *tiny_overrides(tmp_path))
-    objective = run(cfg)
-    runs = _runs(tmp_path, "smoke")
+def test_smoke_experiment_end_to_end(smoke_store, tmp_path: Path) -> None:
+    root, cfg = smoke_store
+    runs = _runs(root, "smoke")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = {r.info.run_name for r in runs} - {"smoke"}
     assert len(parents) == 1
@@ -53,7 +52,6 @@ def test_smoke_experiment_end_to_end(compose_cfg, tmp_path: Path) -> None:
             assert 0.0 <= metrics[f"{split}_{name}"] <= 1.0
             assert metrics[f"{split}_{name}_ci_lower"] <= metrics[f"{split}_{name}"]
             assert metrics[f"{split}_{name}"] <= metrics[f"{split}_{name}_ci_upper"]
-    assert metrics["cv_auc"] == pytest.approx(objective, abs=0.2)
     artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "metrics.csv", "delong_tests.csv", "splits.csv",
             "selected_features.csv", "predictions.csv", "qc", "roc_test.png",
@@ -79,7 +77,7 @@ def test_smoke_experiment_end_to_end(compose_cfg, tmp_path: Path) -> None:
 
     # Same config again: features come from the cache, numbers are identical.
     run(cfg)
-    again = [r for r in _runs(tmp_path, "smoke")
+    again = [r for r in _runs(root, "smoke")
              if "mlflow.parentRunId" not in r.data.tags and r.info.run_id != parent.info.run_id]
     assert again[0].data.tags["feature_cache"] == "hit"
     assert again[0].data.metrics["test_auc"] == metrics["test_auc"]
@@ -99,6 +97,7 @@ def test_bad_manifest_ends_the_run_failed(compose_cfg, tmp_path: Path) -> None:
     assert "CohortError" in failed.data.tags["error"]
 
 
+@pytest.mark.slow
 def test_nested_protocol_logs_the_outer_estimate(compose_cfg, tmp_path: Path) -> None:
     cfg = compose_cfg("+experiment=smoke", "feature_sets=[dlr]", "evaluation.primary=dlr",
                       "tuning.protocol=nested",
@@ -117,6 +116,7 @@ def test_nested_protocol_logs_the_outer_estimate(compose_cfg, tmp_path: Path) ->
     assert "Nested cross-validation" in (Path(folder) / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_external_patients_are_reported_per_center(compose_cfg, tmp_path: Path) -> None:
     smoke = compose_cfg("+experiment=smoke", *tiny_overrides(tmp_path))
     manifest = pd.read_csv(instantiate(smoke.dataset.generator).write(),

@@ -18,11 +18,10 @@ from omegaconf import DictConfig
 
 from pdl1exp.features.backbones import build_backbone
 from pdl1exp.features.extract import extractor_code_version
-from pdl1exp.pipeline import run
 from pdl1exp.predict import ExtractorMismatchError, _check_reproducible, predict
 from pdl1exp.promote import promote
 from pdl1exp.serving import held_out_predictions
-from tests.conftest import CONF, tiny_overrides
+from tests.conftest import CONF
 
 MODEL = "pdl1exp-smoke"
 
@@ -42,11 +41,9 @@ def _compose(name: str, *overrides: str) -> DictConfig:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store holding one smoke run whose selected model is @candidate."""
-    root = tmp_path_factory.mktemp("trained")
-    run(_compose("config", "+experiment=smoke", *tiny_overrides(root)))
-    return root
+def trained(smoke_store) -> Path:
+    """The shared smoke run's store: its primary model is @candidate."""
+    return smoke_store[0]
 
 
 @pytest.fixture(scope="module")

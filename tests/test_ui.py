@@ -90,6 +90,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             process.wait(timeout=15)
 
 
+@pytest.mark.slow
 def test_rest_api_serves_the_run_metrics(server: Server) -> None:
     reply = json.loads(_get(f"{server.url}/api/2.0/mlflow/runs/get?run_id={server.run_id}"))
     metrics = {m["key"]: m["value"] for m in reply["run"]["data"]["metrics"]}
