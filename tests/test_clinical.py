@@ -11,7 +11,7 @@ from pdl1exp.models.clinical import SIGNATURE, UnivariateScreen, clinical_pipeli
 from pdl1exp.models.selected import SelectedModel
 from tests.conftest import CONF
 
-CFG = OmegaConf.load(CONF / "clinical" / "logistic.yaml")
+CFG = OmegaConf.load(CONF / "clinical" / "paper.yaml")
 
 
 def _cohort(n: int = 300, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
@@ -76,7 +76,7 @@ def test_selected_model_chains_dlr_into_the_combined_model() -> None:
                         index=X.index)
     dlr = clinical_pipeline({**CFG, "screening_p": None}, numeric=["dl_0000"],
                             categorical=[]).fit(deep, y)
-    combined_X = X.assign(**{SIGNATURE: signature(dlr.predict_proba(deep)[:, 1])})
+    combined_X = X.assign(**{SIGNATURE: signature(dlr.predict_proba(deep)[:, 1], clip=0.01)})
     clinical = clinical_pipeline(CFG, numeric=["age", "noise", SIGNATURE],
                                  categorical=["stage", "sex"], keep=[SIGNATURE]).fit(combined_X, y)
     model = SelectedModel(feature_set="combined", image={"dlr": dlr}, clinical=clinical,

@@ -23,7 +23,7 @@ COLUMNS = {"numeric": NUMERIC, "categorical": CATEGORICAL}
 def fitted() -> tuple[object, pd.DataFrame]:
     """The real clinical model config on a cohort with missing values in both kinds."""
     X, y = clinical_cohort(21, n=150)
-    cfg = OmegaConf.merge(OmegaConf.load(CONF / "clinical" / "logistic.yaml"),
+    cfg = OmegaConf.merge(OmegaConf.load(CONF / "clinical" / "paper.yaml"),
                           {"screening_p": None})  # every variable on the nomogram
     return clinical_pipeline(cfg, **COLUMNS).fit(X, y), X
 

@@ -46,10 +46,10 @@ def tiny_patients(n: int = 30, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]
 def tiny_model(table: pd.DataFrame, y: np.ndarray) -> SelectedModel:
     """A combined model (deep-feature pipeline → signature + clinical logistic model)."""
     dlr = make_pipeline(StandardScaler(), LogisticRegression()).fit(table[DEEP], y)
-    clinical = clinical_pipeline(OmegaConf.load(CONF / "clinical" / "logistic.yaml"),
+    clinical = clinical_pipeline(OmegaConf.load(CONF / "clinical" / "paper.yaml"),
                                  numeric=["age", SIGNATURE], categorical=["sex"])
     clinical.fit(table[["age", "sex"]].assign(
-        **{SIGNATURE: signature(dlr.predict_proba(table[DEEP])[:, 1])}), y)
+        **{SIGNATURE: signature(dlr.predict_proba(table[DEEP])[:, 1], clip=0.01)}), y)
     return SelectedModel(feature_set="combined", image={"dlr": dlr}, clinical=clinical,
                          threshold=0.5, image_features={"dlr": DEEP},
                          clinical_features=["age", "sex"]).fit(None)

@@ -231,7 +231,7 @@ def test_odds_ratio_table_matches_reference_mle(cohort) -> None:
 def test_logistic_terms_reject_other_columns(cohort) -> None:
     X, y = cohort
     model = clinical_pipeline(MLE_CFG, numeric=NUMERIC, categorical=CATEGORICAL).fit(X, y)
-    with pytest.raises(ValueError, match="numeric columns"):
+    with pytest.raises(ValueError, match="differ from the pipeline"):
         logistic_terms(model, numeric=["age"], categorical=CATEGORICAL)
 
 

@@ -139,7 +139,7 @@ def _log_child(result: ModelResult, metrics: pd.DataFrame, tags: dict[str, str])
 
 
 def _selected_model(primary: ModelResult, fitted: Fitted, cohort_clinical: list[str],
-                    signatures: list[str]) -> SelectedModel:
+                    signatures: list[str], signature_clip: float) -> SelectedModel:
     """The primary model as one estimator from the feature table to a probability."""
     if primary.feature_set == "combined":
         image = {f: fitted.chosen[f] for f in signatures}
@@ -152,7 +152,7 @@ def _selected_model(primary: ModelResult, fitted: Fitted, cohort_clinical: list[
         image={f: m.model for f, m in image.items()},
         image_features={f: m.features for f, m in image.items()},
         clinical=primary.model if primary.feature_set in ("clinical", "combined") else None,
-        clinical_features=cohort_clinical)
+        clinical_features=cohort_clinical, signature_clip=signature_clip)
     return model.fit(None)
 
 
@@ -213,6 +213,7 @@ def run(cfg: DictConfig) -> float:
         chain = {"feature_sets": list(cfg.feature_sets),
                  "combined_signatures": list(cfg.combined_signatures),
                  "numeric": cohort.numeric, "categorical": cohort.categorical,
+                 "log": list(cfg.dataset.clinical.log),
                  "clinical": _plain(cfg, "clinical"), "classifiers": _plain(cfg, "classifier"),
                  "selection": _plain(cfg, "selection"), "tuning": _plain(cfg, "tuning"),
                  "study_prefix": cfg.name, "seed": cfg.seed}
@@ -243,7 +244,7 @@ def run(cfg: DictConfig) -> float:
                       primary=primary, metrics=metrics, delong=delong, nested=nested,
                       versions={**tags, "data_hash": cohort.data_hash}, folder=_run_folder())
         selected = _selected_model(primary, fitted, cohort.clinical,
-                                   list(cfg.combined_signatures))
+                                   list(cfg.combined_signatures), cfg.clinical.signature_clip)
         log_frame(held_out_frame(primary, y), PREDICTIONS_FILE)
         columns = pd.concat(features.values(), axis=1) if features else None
         inputs = table if columns is None else table.join(

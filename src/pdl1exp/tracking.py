@@ -9,6 +9,7 @@ import logging
 import secrets
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,8 +70,10 @@ def log_cohort(table: pd.DataFrame, *, name: str, digest: str, target: str) -> N
     """The cohort as the run's input dataset (the UI's Dataset column): name, digest
     (``data_hash``, cut to MLflow's 36 characters), schema and row count. ``table`` must hold
     no identifying column."""
-    dataset = mlflow.data.from_pandas(table.reset_index(drop=True), name=name,
-                                      digest=digest[:_DIGEST_MAX], targets=target)
+    with warnings.catch_warnings():  # the 0/1 label is an integer column on purpose
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        dataset = mlflow.data.from_pandas(table.reset_index(drop=True), name=name,
+                                          digest=digest[:_DIGEST_MAX], targets=target)
     mlflow.log_input(dataset, context="cohort")
 
 

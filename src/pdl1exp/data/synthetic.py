@@ -16,6 +16,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 from scipy.special import expit
+from tqdm import tqdm
 
 from pdl1exp.data.latent import HISTOLOGY, STAGES, Draws, LatentModel, eta, rank_auc
 from pdl1exp.data.phantom import Phantom, ScanSpec, TumourSpec, render_ct
@@ -137,11 +139,14 @@ class SyntheticCohort:
         draws, labels, tps = latent.select(rng, p["n_patients"], moments, intercept)
         patients = self._patients(rng, draws, labels, tps)
         jobs = [(staging, patient) for patient in patients]
-        if self.n_jobs > 1:
-            with ProcessPoolExecutor(self.n_jobs) as pool:
-                rows = list(pool.map(_write_patient, jobs, chunksize=4))
-        else:
-            rows = [_write_patient(job) for job in jobs]
+        rows = []
+        with (ProcessPoolExecutor(self.n_jobs) if self.n_jobs > 1 else nullcontext()) as pool, \
+                tqdm(total=len(jobs), unit="patient", desc="Synthetic cohort") as bar:
+            written = pool.map(_write_patient, jobs, chunksize=4) if pool else map(
+                _write_patient, jobs)
+            for row in written:
+                rows.append(row)
+                bar.update()
         manifest = pd.DataFrame(rows)
         manifest.to_csv(staging / "manifest.csv", index=False)
         oracle = {

@@ -25,8 +25,8 @@ geometry separates them.
    wide growing interval leaves; limited to a thin margin around the opened piece so vessel
    stumps stay short. Holes are filled.
 6. Plausibility: a result wider than the seed's local extent allows (``extent_factor``
-   times its depth, a tumour's radius when the seed is near its centre; at most
-   ``max_diameter_mm``) or larger than ``max_volume_ml`` is a leak and raises
+   times its depth, a tumour's radius when the seed is near its centre; at least
+   ``min_extent_mm``, at most ``max_diameter_mm``) or larger than ``max_volume_ml`` is a leak and raises
    :class:`SegmentationError`; so do a seed outside the volume, in air, or in non-tumour
    tissue. The result is one connected component containing the seed.
 
@@ -138,6 +138,8 @@ class SeededSegmenter:
         margin_mm: the final border may lie at most this far outside the opened region.
         extent_factor: results wider than this multiple of the seed's depth (its distance
             to the lung) are leaks: small nodules get tight limits, large masses wide ones.
+        min_extent_mm: the depth rule never allows less than this (a small spiculated
+            nodule reaches far beyond its solid depth).
         max_diameter_mm: larger results are leaks, whatever the seed's depth.
         max_volume_ml: larger results are leaks.
     """
@@ -153,6 +155,7 @@ class SeededSegmenter:
     edge_fraction: float
     margin_mm: float
     extent_factor: float
+    min_extent_mm: float
     max_diameter_mm: float
     max_volume_ml: float
 
@@ -168,7 +171,7 @@ class SeededSegmenter:
             msg = f"SeededSegmenter.air_hu ({self.air_hu}) must be below tumour_hu[0]"
             raise ValueError(msg)
         positive = ("vessel_radius_mm", "wall_closing_factor", "margin_mm", "max_diameter_mm",
-                    "max_volume_ml", "vessel_cut_max_fraction", "extent_factor")
+                    "max_volume_ml", "vessel_cut_max_fraction", "extent_factor", "min_extent_mm")
         for name in positive:
             if not getattr(self, name) > 0:
                 msg = f"SeededSegmenter.{name} must be > 0, got {getattr(self, name)}"
@@ -301,11 +304,13 @@ class SeededSegmenter:
         image = sitk.GetImageFromArray(tumour.astype(np.uint8))
         image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
         size = roi_measurements(image)
-        max_diameter = min(self.max_diameter_mm, self.extent_factor * depth)
+        max_diameter = min(self.max_diameter_mm,
+                           max(self.min_extent_mm, self.extent_factor * depth))
         if size["volume_ml"] > self.max_volume_ml or size["max_diameter_mm"] > max_diameter:
             msg = (f"leak: the region grew to {size['volume_ml']:.1f} ml and "
                    f"{size['max_diameter_mm']:.1f} mm across (allowed: {max_diameter:.0f} mm = "
-                   f"min(max_diameter_mm, extent_factor x the seed's {depth:.1f} mm depth), "
+                   f"min(max_diameter_mm, max(min_extent_mm, extent_factor x the seed's "
+                   f"{depth:.1f} mm depth)), "
                    f"max_volume_ml {self.max_volume_ml:.0f}); it has merged with neighbouring "
                    "tissue: place the seed at the centre of the tumour's solid part, or draw "
                    "a mask")

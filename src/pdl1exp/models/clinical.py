@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ from sklearn.compose import ColumnTransformer, make_column_selector
 from sklearn.impute import SimpleImputer
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
 from pdl1exp.models.logistic import fit_logistic, univariate_screen
 
@@ -28,8 +29,6 @@ def signature_column(feature_set: str) -> str:
 
 
 SIGNATURE = signature_column("dlr")
-# Keeps the signature finite when a model is certain.
-_EPS = 1e-6
 
 
 class UnivariateScreen(TransformerMixin, BaseEstimator):
@@ -112,24 +111,42 @@ class UnivariateScreen(TransformerMixin, BaseEstimator):
         return np.asarray(self.numeric_ + self.categorical_, dtype=object)
 
 
+def _exactly(names: Sequence[str]) -> str:
+    """A column-name regex matching exactly ``names`` (none when empty)."""
+    return "^(?:" + "|".join(map(re.escape, names)) + ")$" if names else "(?!)"
+
+
 def clinical_pipeline(cfg: Mapping[str, Any], *, numeric: Sequence[str],
-                      categorical: Sequence[str], keep: Sequence[str] = ()) -> Pipeline:
-    """Screen → impute (median / most frequent) → scale numeric, one-hot categorical → logistic.
+                      categorical: Sequence[str], keep: Sequence[str] = (),
+                      log: Sequence[str] = ()) -> Pipeline:
+    """Screen → impute (median / most frequent) → [log(1 + x)] → scale numeric, one-hot
+    categorical → logistic.
 
     Args:
-        cfg: ``cfg.clinical`` (``screening_p``, ``estimator``, ``categorical_encoder``).
-        numeric: numeric columns (the DLR signature is one for the combined model).
+        cfg: ``cfg.clinical`` (``screening_p``, ``backward_aic``, ``estimator``,
+            ``categorical_encoder``).
+        numeric: numeric columns (each image signature is one for the combined model).
         categorical: categorical columns.
         keep: columns exempt from screening.
+        log: numeric columns entering as ``log(1 + x)`` (skewed markers such as CEA).
     """
     if not [*numeric, *categorical]:
         msg = "the clinical model needs at least one clinical column (dataset.clinical)"
         raise ValueError(msg)
-    # Columns by dtype: the screen decides per fold which variables reach this step.
+    logged = [c for c in numeric if c in set(log)]
+    linear = [c for c in numeric if c not in set(log)]
+
+    def numeric_steps(*first: tuple[str, Any]) -> Pipeline:
+        return Pipeline([("impute", SimpleImputer(strategy="median")), *first,
+                         ("scale", StandardScaler())])
+
+    # Columns by name and dtype: the screen decides per fold which variables reach this step.
     columns = ColumnTransformer([
-        ("numeric", Pipeline([("impute", SimpleImputer(strategy="median")),
-                              ("scale", StandardScaler())]),
-         make_column_selector(dtype_include="number")),
+        ("numeric", numeric_steps(),
+         make_column_selector(pattern=_exactly(linear), dtype_include="number")),
+        ("log", numeric_steps(("log", FunctionTransformer(np.log1p,
+                                                          feature_names_out="one-to-one"))),
+         make_column_selector(pattern=_exactly(logged), dtype_include="number")),
         ("categorical", Pipeline([("impute", SimpleImputer(strategy="most_frequent")),
                                   ("encode", instantiate(cfg["categorical_encoder"]))]),
          make_column_selector(dtype_exclude="number")),
@@ -148,6 +165,7 @@ def out_of_fold(model: Pipeline, X: pd.DataFrame, y: np.ndarray, *, folds: int,
     return cross_val_predict(model, X, y, cv=splitter, method="predict_proba")[:, 1]
 
 
-def signature(proba: np.ndarray) -> np.ndarray:
-    """The DLR signature: the logit of the deep model's probability."""
-    return logit(np.clip(proba, _EPS, 1 - _EPS))
+def signature(proba: np.ndarray, *, clip: float) -> np.ndarray:
+    """An image signature: the logit of an image model's probability clipped to
+    ``[clip, 1 - clip]`` (a classifier's 0/1 votes would become extreme outliers)."""
+    return logit(np.clip(proba, clip, 1 - clip))

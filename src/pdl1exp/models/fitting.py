@@ -76,8 +76,8 @@ def choose_classifier(models: Sequence[ModelResult]) -> ModelResult:
 
 def logistic_model(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.Series,
                    centers: pd.Series, *, clinical: Mapping[str, Any], numeric: Sequence[str],
-                   categorical: Sequence[str], keep: Sequence[str] = (), folds: int,
-                   seed: int) -> ModelResult:
+                   categorical: Sequence[str], keep: Sequence[str] = (),
+                   log: Sequence[str] = (), folds: int, seed: int) -> ModelResult:
     """The clinical (or combined) logistic model, fitted on the training split.
 
     Args:
@@ -90,11 +90,13 @@ def logistic_model(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.S
         numeric: numeric columns.
         categorical: categorical columns.
         keep: columns exempt from screening (the image signatures).
+        log: numeric columns entering as log(1 + x).
         folds: CV folds for the out-of-fold predictions.
         seed: CV seed.
     """
     train = splits.index[splits == "train"]
-    pipe = clinical_pipeline(clinical, numeric=numeric, categorical=categorical, keep=keep)
+    pipe = clinical_pipeline(clinical, numeric=numeric, categorical=categorical, keep=keep,
+                             log=log)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)  # unseen categories in a fold
         oof = out_of_fold(pipe, X.loc[train], y.loc[train].to_numpy(), folds=folds, seed=seed)
@@ -107,24 +109,26 @@ def logistic_model(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.S
                        features=[*numeric, *categorical])
 
 
-def combined_table(table: pd.DataFrame, chosen: Mapping[str, ModelResult]) -> pd.DataFrame:
+def combined_table(table: pd.DataFrame, chosen: Mapping[str, ModelResult], *,
+                   clip: float) -> pd.DataFrame:
     """The clinical table plus one signature column per chosen image model.
 
     Training rows get the cross-fitted (out-of-fold) signature, never in-sample scores;
-    held-out rows the refitted model's.
+    held-out rows the refitted model's. ``clip``: see :func:`signature`.
     """
     columns = {}
     for feature_set, model in chosen.items():
         held_out = [p for s, p in model.proba.items() if s not in ("train", "cv")]
         proba = pd.concat([model.proba["cv"], *held_out]).loc[table.index]
-        columns[signature_column(feature_set)] = signature(proba.to_numpy())
+        columns[signature_column(feature_set)] = signature(proba.to_numpy(), clip=clip)
     return table.assign(**columns)
 
 
 def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
                      splits: pd.Series, *, feature_sets: Sequence[str],
                      combined_signatures: Sequence[str], numeric: Sequence[str],
-                     categorical: Sequence[str], clinical: Mapping[str, Any],
+                     categorical: Sequence[str], log: Sequence[str],
+                     clinical: Mapping[str, Any],
                      classifiers: Mapping[str, Any], selection: Mapping[str, Any],
                      tuning: Mapping[str, Any], study_prefix: str, seed: int) -> Fitted:
     """Fit every configured feature set on the training split.
@@ -137,6 +141,7 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
         combined_signatures: image feature sets whose signatures enter ``combined``.
         numeric: clinical numeric columns.
         categorical: clinical categorical columns.
+        log: numeric columns entering as log(1 + x) (``dataset.clinical.log``).
         clinical: ``cfg.clinical``.
         classifiers: ``cfg.classifier``.
         selection: ``cfg.selection``.
@@ -146,7 +151,7 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
     """
     y, centers = table["label"], table["center"]
     train = splits.index[splits == "train"]
-    logistic = {"clinical": clinical, "folds": tuning["cv_folds"], "seed": seed}
+    logistic = {"clinical": clinical, "log": log, "folds": tuning["cv_folds"], "seed": seed}
     fitted = Fitted(models=[])
     if "clinical" in feature_sets:
         fitted.models.append(logistic_model("clinical", table, y, splits, centers,
@@ -165,7 +170,7 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
         fitted.chosen[feature_set] = choose_classifier(models)
     if "combined" in feature_sets:
         chosen = {f: fitted.chosen[f] for f in combined_signatures}
-        fitted.combined_table = combined_table(table, chosen)
+        fitted.combined_table = combined_table(table, chosen, clip=clinical["signature_clip"])
         signatures = [signature_column(f) for f in chosen]
         fitted.models.append(logistic_model(
             "combined", fitted.combined_table, y, splits, centers,

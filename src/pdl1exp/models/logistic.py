@@ -12,15 +12,22 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 from scipy.special import expit
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder
 
 from pdl1exp.evaluation.tables import category_levels
 
-__all__ = ["fit_logistic", "logistic_terms", "odds_ratio_table", "univariate_screen"]
+__all__ = [
+    "fit_logistic",
+    "is_penalised",
+    "logistic_terms",
+    "odds_ratio_table",
+    "univariate_screen",
+]
 
 _INTERCEPT = "(Intercept)"
+_GROUPS = ("numeric", "log", "categorical")
 
 
 def logistic_terms(
@@ -29,20 +36,26 @@ def logistic_terms(
     """The design columns of a fitted clinical pipeline: ``term``, ``variable``, ``level``
     (None for numeric) and ``coef``, in design order.
 
+    Numeric variables come from the ``numeric`` (linear) and ``log`` (``log(1 + x)``)
+    transformers, categorical ones from ``categorical`` (one-hot, a reference level dropped).
+
     Args:
         pipeline: fitted ``clinical_pipeline`` (steps ``columns`` → ``classifier``).
         numeric: its numeric variables.
         categorical: its categorical variables.
     """
     columns = pipeline.named_steps["columns"]
-    fitted = {name: (transformer, list(cols)) for name, transformer, cols in columns.transformers_}
-    for name, cols in (("numeric", list(numeric)), ("categorical", list(categorical))):
-        found = fitted[name][1] if name in fitted else []
-        if found != cols:
-            msg = f"{name} columns {cols} differ from the pipeline's {found}"
-            raise ValueError(msg)
-    variables: list[str] = list(numeric)
-    levels: list[object] = [None] * len(numeric)
+    fitted = {name: (transformer, list(cols)) for name, transformer, cols in columns.transformers_
+              if name in _GROUPS}
+    found = {group: fitted.get(group, (None, []))[1] for group in _GROUPS}
+    if sorted(found["numeric"] + found["log"]) != sorted(numeric) or \
+            found["categorical"] != list(categorical):
+        msg = (f"columns {list(numeric)} + {list(categorical)} differ from the pipeline's "
+               f"{found}")
+        raise ValueError(msg)
+    terms: list[str] = [*found["numeric"], *(f"log(1 + {c})" for c in found["log"])]
+    variables: list[str] = [*found["numeric"], *found["log"]]
+    levels: list[object] = [None] * len(variables)
     if categorical:
         encoder = fitted["categorical"][0][-1]
         if not isinstance(encoder, OneHotEncoder):
@@ -53,13 +66,19 @@ def logistic_terms(
             kept = [c for k, c in enumerate(categories) if drop is None or k != drop]
             variables += [name] * len(kept)
             levels += kept
+            terms += [f"{name}_{level}" for level in kept]
     coef = pipeline.named_steps["classifier"].coef_[0]
-    terms = columns.get_feature_names_out()
-    if not len(terms) == len(variables) == coef.size:
+    if len(variables) != coef.size:
         msg = (f"cannot map the {coef.size} coefficients onto the {len(variables)} design "
                "columns expected from the variables")
         raise ValueError(msg)
     return pd.DataFrame({"term": terms, "variable": variables, "level": levels, "coef": coef})
+
+
+def is_penalised(pipeline: Pipeline) -> bool:
+    """Whether the pipeline's logistic classifier was fitted with a tuned penalty (ridge):
+    its coefficients are shrunk, and Wald intervals do not apply."""
+    return isinstance(pipeline.named_steps["classifier"], LogisticRegressionCV)
 
 
 def _wald(design: np.ndarray, beta: np.ndarray, level: float) -> pd.DataFrame:
@@ -89,7 +108,9 @@ def odds_ratio_table(
 
     The covariance is the inverse Fisher information of the fitted model on its transformed
     training design (logistic link: observed = expected information, so the labels are not
-    needed). Numeric variables are standardised by the pipeline: their OR is per SD.
+    needed). Numeric variables are standardised by the pipeline: their OR is per SD (of
+    ``log(1 + x)`` for logged ones). A ridge-penalised model (``clinical=full``) reports its
+    shrunk coefficients and odds ratios with ``penalised`` True and no Wald SE, CI or p.
 
     Args:
         pipeline: fitted ``clinical_pipeline``.
@@ -102,11 +123,14 @@ def odds_ratio_table(
     design = np.asarray(pipeline.named_steps["columns"].transform(X_train), dtype=float)
     intercept = pipeline.named_steps["classifier"].intercept_[0]
     wald = _wald(design, np.r_[intercept, terms["coef"].to_numpy()], level)
+    penalised = is_penalised(pipeline)
+    if penalised:  # shrunk estimates: the unpenalised Wald SE, CI and p would mislead
+        wald[["se", "ci_lower", "ci_upper", "p"]] = np.nan
     head = pd.concat([
         pd.DataFrame({"term": [_INTERCEPT], "variable": [_INTERCEPT], "level": [None]}),
         terms[["term", "variable", "level"]],
     ], ignore_index=True)
-    return pd.concat([head, wald], axis=1)
+    return pd.concat([head, wald], axis=1).assign(penalised=penalised)
 
 
 def fit_logistic(design: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:

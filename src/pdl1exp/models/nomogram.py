@@ -14,13 +14,16 @@ from pdl1exp.models.logistic import logistic_terms
 __all__ = ["build_nomogram", "nomogram_points"]
 
 
-def _numeric_affine(pipeline: Pipeline, numeric: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column ``(offset, slope)`` of the numeric impute → scale step (affine per column)."""
-    step = pipeline.named_steps["columns"].named_transformers_["numeric"]
-    at_zero = step.transform(pd.DataFrame(np.zeros((1, len(numeric))), columns=list(numeric)))
-    at_one = step.transform(pd.DataFrame(np.ones((1, len(numeric))), columns=list(numeric)))
-    offset = np.asarray(at_zero, dtype=float)[0]
-    return offset, np.asarray(at_one, dtype=float)[0] - offset
+def _numeric_design(pipeline: Pipeline, name: str, values: np.ndarray) -> np.ndarray:
+    """Design values of numeric variable ``name`` at raw ``values`` (through its impute →
+    [log] → scale transformer; each step works per column)."""
+    for group, transformer, columns in pipeline.named_steps["columns"].transformers_:
+        if group in ("numeric", "log") and name in list(columns):
+            frame = pd.DataFrame(dict.fromkeys(columns, values))
+            out = np.asarray(transformer.transform(frame), dtype=float)
+            return out[:, list(columns).index(name)]
+    msg = f"numeric variable {name!r} is not in the pipeline"
+    raise ValueError(msg)
 
 
 def build_nomogram(
@@ -35,7 +38,7 @@ def build_nomogram(
     """The classic (Iasonos/Harrell) nomogram of a fitted ``clinical_pipeline``.
 
     Each variable's contribution to the linear predictor is taken over its observed training
-    range (numeric: raw values through the pipeline's scaling and the coefficient;
+    range (numeric: raw values through the pipeline's [log and] scaling and the coefficient;
     categorical: each level's dummy coefficient, the reference level 0). The lowest
     contribution scores 0 points; the variable with the widest range spans ``points_max``.
     A patient's total points map back to the model's probability exactly
@@ -50,16 +53,17 @@ def build_nomogram(
         points_max: points of the widest variable.
     """
     terms = logistic_terms(pipeline, numeric=numeric, categorical=categorical)
-    offset, slope = _numeric_affine(pipeline, numeric) if numeric else ((), ())
     axes: list[tuple[str, tuple[float | str, ...], np.ndarray, np.ndarray]] = []
-    for j, name in enumerate(numeric):
+    for name in numeric:
         coef = float(terms.loc[terms["variable"] == name, "coef"].iloc[0])
         observed = X_train[name].dropna().to_numpy(dtype=float)
         low, high = observed.min(), observed.max()
         ticks = axis_ticks(low, high, n=n_ticks)
-        # Contributions at the ends of the observed range fix the axis; ticks lie inside.
-        ends = coef * (offset[j] + slope[j] * np.array([low, high]))
-        axes.append((name, tuple(ticks.tolist()), coef * (offset[j] + slope[j] * ticks), ends))
+        # Contributions at the ends of the observed range fix the axis (each transform is
+        # monotonic); ticks lie inside.
+        ends = coef * _numeric_design(pipeline, name, np.array([low, high]))
+        axes.append((name, tuple(ticks.tolist()), coef * _numeric_design(pipeline, name, ticks),
+                     ends))
     for name in categorical:
         rows = terms[terms["variable"] == name]
         encoder = pipeline.named_steps["columns"].named_transformers_["categorical"][-1]

@@ -31,18 +31,20 @@ class SelectedModel(ClassifierMixin, BaseEstimator):
         clinical: fitted clinical/combined pipeline (``clinical`` and ``combined``).
         threshold: train-chosen cut-off; positive when probability >= threshold.
         clinical_features: clinical columns the clinical pipeline reads.
+        signature_clip: the clip of the image signatures (:func:`signature`).
     """
 
     def __init__(self, *, feature_set: str, image: Mapping[str, Any] | None = None,
                  image_features: Mapping[str, Sequence[str]] | None = None,
                  clinical: Any = None, threshold: float = 0.5,
-                 clinical_features: Sequence[str] = ()) -> None:
+                 clinical_features: Sequence[str] = (), signature_clip: float = 0.01) -> None:
         self.feature_set = feature_set
         self.image = image
         self.image_features = image_features
         self.clinical = clinical
         self.threshold = threshold
         self.clinical_features = clinical_features
+        self.signature_clip = signature_clip
 
     @property
     def input_columns(self) -> list[str]:
@@ -88,7 +90,8 @@ class SelectedModel(ClassifierMixin, BaseEstimator):
         else:
             table = X[list(self.clinical_features)].copy()
             for name in self.image or {}:
-                table[signature_column(name)] = signature(self._image_proba(name, X))
+                table[signature_column(name)] = signature(self._image_proba(name, X),
+                                                               clip=self.signature_clip)
             positive = self.clinical.predict_proba(table)[:, 1]
         return np.column_stack([1 - positive, positive])
 
