@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
+from sklearn.linear_model import lasso_path
 from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
@@ -169,6 +170,18 @@ def test_lasso_selector_zero_features_falls_back_to_best_auc():
     assert list(selector.selected_features_) == [best]
     np.testing.assert_array_equal(selector.coef_, [0.0])
     assert selector.set_output(transform="pandas").transform(X).columns.tolist() == [best]
+
+
+@pytest.mark.parametrize(("n", "p", "lambda_ratio"), [(120, 30, 1000.0), (60, 200, 10.0)])
+def test_least_squares_path_matches_coordinate_descent(n, p, lambda_ratio):
+    """The LARS path read at the grid is the LASSO solution (n > p and p > n)."""
+    X, y = planted_table(seed=4, n=n, p=p)
+    selector = LassoSelector(estimator="lasso", lambda_ratio=lambda_ratio, random_state=0)
+    selector.fit(X, y)
+    Xc, yc = X.to_numpy() - X.to_numpy().mean(axis=0), y - y.mean()
+    _, expected, _ = lasso_path(Xc, yc, alphas=selector.lambdas_, tol=1e-12, max_iter=100_000)
+    np.testing.assert_allclose(selector.coef_path_, expected.T, atol=1e-6)
+    assert selector.n_iter_ > 0
 
 
 def test_lasso_selector_is_deterministic():
