@@ -310,6 +310,15 @@ def tune_classifier(
         if not complete:
             msg = f"study {study_name!r} has no complete trial of {name!r}; raise tuning.timeout_s"
             raise RuntimeError(msg)
+        if len(complete) < n_trials:
+            logger.warning(
+                "%s: %d of %d trials completed within tuning.timeout_s=%s; its CV AUC is not "
+                "comparable with the other classifiers'",
+                name,
+                len(complete),
+                n_trials,
+                tuning_cfg["timeout_s"],
+            )
         best = study.best_trial
         best_estimator = build_estimator(spec, best.params)
         oof = np.empty(len(y))
