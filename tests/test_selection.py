@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
+from sklearn.linear_model import LogisticRegression, lasso_path
 from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
@@ -169,6 +170,29 @@ def test_lasso_selector_zero_features_falls_back_to_best_auc():
     assert list(selector.selected_features_) == [best]
     np.testing.assert_array_equal(selector.coef_, [0.0])
     assert selector.set_output(transform="pandas").transform(X).columns.tolist() == [best]
+
+
+@pytest.mark.parametrize(("n", "p", "lambda_ratio"), [(120, 30, 1000.0), (60, 200, 10.0)])
+def test_least_squares_path_matches_coordinate_descent(n, p, lambda_ratio):
+    """The LARS path read at the grid is the LASSO solution (n > p and p > n)."""
+    X, y = planted_table(seed=4, n=n, p=p)
+    selector = LassoSelector(estimator="lasso", lambda_ratio=lambda_ratio, random_state=0)
+    selector.fit(X, y)
+    Xc, yc = X.to_numpy() - X.to_numpy().mean(axis=0), y - y.mean()
+    _, expected, _ = lasso_path(Xc, yc, alphas=selector.lambdas_, tol=1e-12, max_iter=100_000)
+    np.testing.assert_allclose(selector.coef_path_, expected.T, atol=1e-6)
+    assert selector.n_iter_ > 0
+
+
+def test_screened_logistic_path_matches_fitting_every_column():
+    """The strong rule only skips columns the full fit would leave at zero."""
+    X, y = planted_table(seed=6, n=100, p=150)
+    selector = LassoSelector(tol=1e-8, random_state=0).fit(X, y)
+    for lam, coef in zip(selector.lambdas_, selector.coef_path_, strict=True):
+        full = LogisticRegression(C=1 / lam, l1_ratio=1.0, solver="liblinear", tol=1e-8)
+        expected = full.fit(X.to_numpy(), y).coef_[0]
+        np.testing.assert_allclose(coef, expected, atol=1e-5)
+    assert 0 < selector.coef_path_.astype(bool).sum(axis=1).max() < X.shape[1] / 2
 
 
 def test_lasso_selector_is_deterministic():

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
-import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import optuna
@@ -23,7 +23,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict, train_te
 from sklearn.pipeline import Pipeline
 
 from pdl1exp.models.classifiers import build_estimator
-from pdl1exp.models.selection import build_selection
+from pdl1exp.models.selection import LassoSelector, build_selection
 from pdl1exp.models.tuning import nested_cv_auc, select_best, sweep, tune_classifier
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -89,26 +89,27 @@ def tune(X, y, cfg, name="lr", selection=None, **kwargs):
     )
 
 
-@pytest.mark.parametrize("selection", ["univariate", "lasso"])
+@pytest.mark.parametrize("selection", ["univariate", "lasso", "paper"])
 def test_random_labels_give_chance_auc_and_leakage_would_not(selection):
     X, y = table(seed=11, n=120, p=2000)
     X_train, X_test, y_train, y_test = train_test_split(
         X, y, test_size=0.3, stratify=y, random_state=0
     )
-    cfg = model_cfg("lr", "lasso", n_trials=5)
-    selection_cfg = UNIVARIATE_SELECTION if selection == "univariate" else cfg["selection"]
-    result = tune(X_train, y_train, cfg, selection=selection_cfg)
+    cfg = model_cfg("lr", "lasso" if selection == "univariate" else selection, n_trials=5)
+    if selection == "univariate":
+        cfg["selection"] = UNIVARIATE_SELECTION
+    result = tune(X_train, y_train, cfg)
 
     low, high = auc_ci(result.cv_auc, y_train)
     assert low < 0.5 < high, f"cv_auc {result.cv_auc:.3f} [{low:.3f}, {high:.3f}]"
-    model = clone(result.best_pipeline).fit(X_train, y_train)
-    test_auc = roc_auc_score(y_test, model.predict_proba(X_test)[:, 1])
+    # The final model's selection saw the training rows only.
+    test_auc = roc_auc_score(y_test, result.model.predict_proba(X_test)[:, 1])
     low, high = auc_ci(test_auc, y_test)
     assert low < 0.5 < high, f"test_auc {test_auc:.3f} [{low:.3f}, {high:.3f}]"
 
     if selection == "univariate":
         # The pitfall: selection fitted on all the training data, then CV of the classifier.
-        leaky_selection = Pipeline(build_selection(selection_cfg)).set_output(transform="pandas")
+        leaky_selection = Pipeline(build_selection(cfg["selection"])).set_output(transform="pandas")
         X_leaky = leaky_selection.fit_transform(X_train, y_train)
         splits = StratifiedKFold(5, shuffle=True, random_state=0)
         estimator = build_estimator(cfg["classifier"]["lr"], result.best_params)
@@ -151,33 +152,44 @@ def test_same_seed_same_sweep_and_planted_features_found():
 
 
 RESUME_SCRIPT = """
-import pickle, sys
+import pickle, sys, threading
+from sklearn.linear_model import LogisticRegression
 from pdl1exp.models.tuning import tune_classifier
+
+FITS_BEFORE_BLOCK = int(sys.argv[2])
+
+
+class BlockingLogisticRegression(LogisticRegression):
+    \"\"\"Tells the parent and blocks at the first fit after FITS_BEFORE_BLOCK, mid-trial.\"\"\"
+
+    fits = 0
+
+    def fit(self, X, y, sample_weight=None):
+        type(self).fits += 1
+        if type(self).fits > FITS_BEFORE_BLOCK:
+            print("blocked", flush=True)
+            threading.Event().wait()  # until the parent kills this process
+        return super().fit(X, y, sample_weight)
+
+
 with open(sys.argv[1], "rb") as handle:
     kwargs = pickle.load(handle)
+kwargs["spec"]["estimator"]["_target_"] = "__main__.BlockingLogisticRegression"
 tune_classifier(**kwargs)
 """
 
 
-def trial_rows(db: Path, state: str) -> int:
-    with sqlite3.connect(db) as connection:
-        query = "SELECT COUNT(*) FROM trials WHERE state = ?"
-        return connection.execute(query, (state,)).fetchone()[0]
-
-
 def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
-    n_trials = 8
+    n_trials, cv_folds, done_before_kill = 8, 3, 2
     X, y = table(seed=4, n=60, p=8, n_planted=2)
-    cfg = model_cfg("rf", "none", n_trials=n_trials, cv_folds=3)
+    cfg = model_cfg("lr", "none", n_trials=n_trials, cv_folds=cv_folds)
     cfg["tuning"]["pruner"] = {"_target_": "optuna.pruners.NopPruner"}
-    # Small forests: trials fast enough for the test, slow enough to be killed mid-sweep.
-    cfg["classifier"]["rf"]["search_space"]["n_estimators"] = {"type": "int", "low": 20, "high": 60}
     db = tmp_path / "optuna.db"
     kwargs = {
         "X": X,
         "y": y,
-        "name": "rf",
-        "spec": cfg["classifier"]["rf"],
+        "name": "lr",
+        "spec": cfg["classifier"]["lr"],
         "selection_cfg": cfg["selection"],
         "tuning_cfg": cfg["tuning"],
         "storage": f"sqlite:///{db}",
@@ -186,32 +198,28 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
     (tmp_path / "kwargs.pkl").write_bytes(pickle.dumps(kwargs))
     (tmp_path / "run.py").write_text(RESUME_SCRIPT)
 
-    process = subprocess.Popen(
-        [sys.executable, str(tmp_path / "run.py"), str(tmp_path / "kwargs.pkl")],
+    # The child completes two trials, then blocks in the first fold of the third one, which
+    # is RUNNING in the storage: killed there, it leaves what a crash mid-trial leaves.
+    fits_before_block = str(done_before_kill * cv_folds)
+    script, pickled = str(tmp_path / "run.py"), str(tmp_path / "kwargs.pkl")
+    with subprocess.Popen(
+        [sys.executable, script, pickled, fits_before_block],
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 120
-    completed = 0
-    while completed < 2:
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline, "the sweep never completed two trials"
-        time.sleep(0.05)
-        if db.exists():
-            try:
-                completed = trial_rows(db, "COMPLETE")
-            except sqlite3.OperationalError:  # tables not created yet
-                continue
-    process.kill()
-    process.wait()
-    process.stderr.close()
+        text=True,
+    ) as process:
+        line = process.stdout.readline()
+        if line != "blocked\n":
+            process.kill()
+            pytest.fail(f"the child ended before blocking: {process.communicate()[1]}")
+        process.kill()
+        process.wait()
 
-    study = optuna.load_study(study_name="resume", storage=f"sqlite:///{db}")
-    study.ask()  # one RUNNING leftover for sure, as a kill right after `ask` leaves
-    before = study.trials
+    before = optuna.load_study(study_name="resume", storage=f"sqlite:///{db}").trials
     first = [(t.number, t.params, t.value) for t in before if t.state.name == "COMPLETE"]
     interrupted = [t.number for t in before if t.state.name == "RUNNING"]
-    assert 2 <= len(first) < n_trials
-    assert interrupted
+    assert len(first) == done_before_kill
+    assert interrupted == [done_before_kill]
 
     result = tune_classifier(**kwargs)
     after = optuna.load_study(study_name="resume", storage=f"sqlite:///{db}").trials
@@ -226,6 +234,23 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
     again = tune_classifier(**kwargs)
     assert len(again.trials) == len(after)
     assert again.best_params == result.best_params
+
+
+def test_pruned_trials_do_not_count_toward_the_budget():
+    X, y = table(seed=7, n=80, p=20, n_planted=2)
+    cfg = model_cfg("lr", "none", n_trials=6, cv_folds=4)
+    assert cfg["tuning"]["timeout_s"] is None  # reported runs have no wall-clock budget
+    # Prune eagerly: after one complete trial, any trial below the median after a fold.
+    cfg["tuning"]["pruner"] = {
+        "_target_": "optuna.pruners.MedianPruner",
+        "n_startup_trials": 1,
+        "n_warmup_steps": 0,
+    }
+    result = tune(X, y, cfg)
+    states = result.trials["state"].value_counts()
+    assert result.n_trials == states["COMPLETE"] == 6
+    assert result.n_pruned == states["PRUNED"] > 0
+    assert len(result.trials) == 6 + result.n_pruned
 
 
 def two_classifier_search() -> dict[str, Any]:
@@ -249,6 +274,38 @@ def test_sweep_names_studies_and_select_best_uses_cv_auc(tmp_path):
     assert select_best(reversed(list(results.values()))).cv_auc == best.cv_auc
     with pytest.raises(ValueError, match="at least one"):
         select_best([])
+
+
+def test_a_wall_clock_budget_is_flagged_as_incomparable(tmp_path, caplog):
+    X, y = table(seed=7, n=60, p=10, n_planted=2)
+    storage = {"storage": f"sqlite:///{tmp_path}/optuna.db", "study_name": "clock"}
+    tune(X, y, model_cfg("lr", "none", n_trials=1, cv_folds=3), **storage)
+    # An expired clock starts no trial: the resumed study keeps its one of three.
+    cfg = model_cfg("lr", "none", n_trials=3, cv_folds=3, timeout_s=1e-9)
+    with caplog.at_level(logging.WARNING, logger="pdl1exp.models.tuning"):
+        result = tune(X, y, cfg, **storage)
+    assert result.n_trials == 1
+    assert "1 of 3 trials completed within tuning.timeout_s" in caplog.text
+    with pytest.raises(RuntimeError, match="no complete trial"):
+        tune(X, y, cfg, storage=None, study_name="clock")
+
+
+def test_selection_is_fitted_once_per_fold_and_once_for_every_final_model():
+    X, y = table(seed=8, n=90, p=40, n_planted=3)
+    cfg = model_cfg("[lr,knn]", "lasso", n_trials=2, cv_folds=3)
+    search = {"selection_cfg": cfg["selection"], "tuning_cfg": cfg["tuning"]}
+    original = LassoSelector.fit
+    with mock.patch.object(LassoSelector, "fit", autospec=True, side_effect=original) as fit:
+        results = sweep(
+            X, y, classifiers=cfg["classifier"], **search, storage=None, study_name="shared"
+        )
+    assert fit.call_count == 3 + 1  # the CV folds, then all rows; not once per classifier
+    for result in results.values():
+        refitted = clone(result.best_pipeline).fit(X, y)
+        np.testing.assert_allclose(result.model.predict_proba(X), refitted.predict_proba(X))
+    lr, knn = (results[name].model.named_steps["lasso"] for name in ("lr", "knn"))
+    assert lr is not knn  # copies: refitting one final model leaves the other alone
+    np.testing.assert_array_equal(lr.selected_features_, knn.selected_features_)
 
 
 def test_nested_cv_scores_every_patient_once():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
@@ -15,6 +16,7 @@ import numpy as np
 import optuna
 import pandas as pd
 from hydra.utils import instantiate
+from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from sklearn.base import ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
@@ -22,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sqlalchemy.engine import make_url
+from tqdm.auto import tqdm
 
 from pdl1exp.models.classifiers import build_estimator, build_pipeline, suggest_params
 from pdl1exp.models.selection import build_selection
@@ -29,6 +32,7 @@ from pdl1exp.models.selection import build_selection
 __all__ = [
     "CVFold",
     "NestedCVResult",
+    "SharedSelection",
     "TuningResult",
     "nested_cv_auc",
     "prepare_folds",
@@ -38,8 +42,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,36 @@ class CVFold:
     val_index: np.ndarray  # row positions of the validation part in the full table
 
 
+@dataclass(frozen=True)
+class SharedSelection:
+    """The selection fitted once per CV fold and once on all rows, shared by every classifier.
+
+    Attributes:
+        folds: the CV folds, each with the selection fitted on its training part only.
+        full: the selection pipeline fitted on all rows (for the final models).
+        X_full: ``full``'s output on all rows: the final classifiers' training input.
+        y: the 0/1 labels of all rows.
+    """
+
+    folds: list[CVFold]
+    full: Pipeline
+    X_full: pd.DataFrame
+    y: np.ndarray
+
+    def final_model(self, estimator: ClassifierMixin) -> Pipeline:
+        """Selection + classifier fitted on all rows, without refitting the selection.
+
+        The result predicts exactly as ``build_pipeline(selection_cfg, estimator).fit(X, y)``
+        would. Its selection steps are a copy: refitting one model leaves the others alone.
+
+        Args:
+            estimator: an unfitted classifier (e.g. with a trial's best hyperparameters).
+        """
+        classifier = clone(estimator).fit(self.X_full, self.y)
+        steps = [*copy.deepcopy(self.full.steps), ("classifier", classifier)]
+        return Pipeline(steps).set_output(transform="pandas")
+
+
 @dataclass
 class TuningResult:
     """Outcome of one classifier's sweep.
@@ -62,12 +94,14 @@ class TuningResult:
         best_params: hyperparameters of the best trial.
         cv_auc: mean validation AUC of the best trial over the CV folds.
         cv_auc_folds: the per-fold AUCs behind ``cv_auc``.
-        n_trials: finished (complete or pruned) trials in the study, resumed ones included.
-        n_pruned: pruned trials among them.
+        n_trials: completed trials in the study, resumed ones included (the budget).
+        n_pruned: pruned trials, which do not count toward ``n_trials``.
         trials: ``study.trials_dataframe()``.
         best_pipeline: unfitted selection + classifier pipeline with ``best_params``.
         oof_proba: out-of-fold probabilities of the best params on the same CV splits,
             indexed like ``X``.
+        model: ``best_pipeline`` fitted on all of ``X``, its selection fitted once and shared
+            by every classifier of the sweep (see :meth:`SharedSelection.final_model`).
     """
 
     name: str
@@ -79,6 +113,7 @@ class TuningResult:
     trials: pd.DataFrame
     best_pipeline: Pipeline
     oof_proba: pd.Series
+    model: Pipeline
 
 
 @dataclass
@@ -110,12 +145,13 @@ def prepare_folds(
     *,
     selection_cfg: Mapping[str, Any],
     tuning_cfg: Mapping[str, Any],
-) -> list[CVFold]:
-    """Split ``X`` into stratified folds and fit the selection steps on each training part.
+) -> SharedSelection:
+    """Fit the selection steps on each stratified fold's training part and on all rows.
 
     The selection has no tuned hyperparameters, so fitting it once per fold and reusing it
     across trials and classifiers gives exactly what refitting the whole pipeline in every
-    fold of every trial would, much faster.
+    fold of every trial would, much faster; likewise the fit on all rows serves every final
+    model. Each fit logs one line when its solvers did not converge.
 
     Args:
         X: feature table, one row per patient.
@@ -127,31 +163,40 @@ def prepare_folds(
     splitter = StratifiedKFold(
         tuning_cfg["cv_folds"], shuffle=True, random_state=tuning_cfg["random_state"]
     )
-    folds = []
-    with _counted_convergence_warnings("feature selection"):
-        for train, val in splitter.split(X, y):
-            selection = Pipeline(build_selection(selection_cfg)).set_output(transform="pandas")
-            X_train = selection.fit_transform(X.iloc[train], y[train])
-            folds.append(CVFold(X_train, y[train], selection.transform(X.iloc[val]), y[val], val))
-    return folds
+    plan = [*splitter.split(X, y), (np.arange(len(y)), None)]
+    fits = []
+    for k, (train, _) in enumerate(tqdm(plan, desc="Feature selection", unit="fit")):
+        what = f"feature selection, fold {k}" if k < len(plan) - 1 else "feature selection, all"
+        selection = Pipeline(build_selection(selection_cfg)).set_output(transform="pandas")
+        with _counted_convergence_warnings(what):
+            fits.append((selection, selection.fit_transform(X.iloc[train], y[train])))
+    folds = [
+        CVFold(X_train, y[train], selection.transform(X.iloc[val]), y[val], val)
+        for (train, val), (selection, X_train) in zip(plan[:-1], fits[:-1], strict=True)
+    ]
+    full, X_full = fits[-1]
+    return SharedSelection(folds, full, X_full, y)
 
 
 @contextmanager
 def _counted_convergence_warnings(what: str) -> Iterator[None]:
-    """Replace sklearn's per-fit ConvergenceWarnings by one count in the log."""
+    """Replace sklearn's per-fit ConvergenceWarnings by one count (and the first) in the log."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         yield
-    n_convergence = 0
+    convergence = []
     for warning in caught:
         if issubclass(warning.category, ConvergenceWarning):
-            n_convergence += 1
+            convergence.append(warning)
         else:
             warnings.warn_explicit(
                 warning.message, warning.category, warning.filename, warning.lineno
             )
-    if n_convergence:
-        logger.warning("%s: %d fits stopped at max_iter before converging", what, n_convergence)
+    if convergence:
+        first = str(convergence[0].message).splitlines()[0]
+        logger.warning(
+            "%s: %d solver fits did not converge (first: %s)", what, len(convergence), first
+        )
 
 
 def _fold_proba(estimator: ClassifierMixin, fold: CVFold) -> np.ndarray:
@@ -208,15 +253,19 @@ def tune_classifier(
     tuning_cfg: Mapping[str, Any],
     storage: str | None,
     study_name: str,
-    folds: list[CVFold] | None = None,
+    selection: SharedSelection | None = None,
 ) -> TuningResult:
     """Tune one classifier by its mean stratified K-fold ROC AUC on ``X`` (training data).
 
     Each trial fits the classifier on every fold's training part (after that fold's own
-    selection) and reports the running mean AUC after each fold to the pruner. A study
-    already in ``storage`` is resumed: its finished trials count toward ``n_trials`` and only
-    the remainder runs; RUNNING trials left by a killed process are marked FAIL. One process
-    at a time drives a study (``tuning.n_jobs`` threads within it).
+    selection) and reports the running mean AUC after each fold to the pruner. Trials run
+    until ``tuning.n_trials`` have completed: pruned and failed trials do not count, so every
+    classifier gets the same budget. A study already in ``storage`` is resumed: its completed
+    trials count and only the remainder runs; RUNNING trials left by a killed process are
+    marked FAIL. One process at a time drives a study (``tuning.n_jobs`` threads within it;
+    with more than one, up to ``n_jobs - 1`` trials beyond the budget may complete).
+    ``tuning.timeout_s`` (default null) stops a study early by wall clock: the classifiers'
+    budgets then differ and their CV AUCs are no longer comparable.
 
     Args:
         X: training feature table, one row per patient.
@@ -227,19 +276,19 @@ def tune_classifier(
         tuning_cfg: ``cfg.tuning``.
         storage: Optuna RDB URL such as ``sqlite:///mlruns/optuna.db``; ``None`` = in memory.
         study_name: unique per (data, config, classifier); the same name resumes.
-        folds: from :func:`prepare_folds` on the same ``X``, ``y``, to share the selection
+        selection: from :func:`prepare_folds` on the same ``X``, ``y``, to share the selection
             fits between classifiers; computed here when omitted.
     """
     y = _check_xy(X, y)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if folds is None:
-        folds = prepare_folds(X, y, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg)
+    if selection is None:
+        selection = prepare_folds(X, y, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg)
     study = _open_study(storage, study_name, tuning_cfg)
 
     def objective(trial: optuna.Trial) -> float:
         estimator = build_estimator(spec, suggest_params(trial, spec["search_space"]))
         aucs = []
-        for step, fold in enumerate(folds):
+        for step, fold in enumerate(selection.folds):
             aucs.append(float(roc_auc_score(fold.y_val, _fold_proba(estimator, fold))))
             trial.report(float(np.mean(aucs)), step)
             if trial.should_prune():
@@ -248,35 +297,41 @@ def tune_classifier(
         return float(np.mean(aucs))
 
     n_trials = tuning_cfg["n_trials"]
-    remaining = n_trials - len(study.get_trials(deepcopy=False, states=_FINISHED))
     start = time.perf_counter()
     with _counted_convergence_warnings(f"tuning {name}"):
-        if remaining > 0:
+        if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < n_trials:
             study.optimize(
                 objective,
-                n_trials=remaining,
-                timeout=tuning_cfg["timeout_s"],
+                timeout=tuning_cfg.get("timeout_s"),
                 n_jobs=tuning_cfg["n_jobs"],
+                callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))],
             )
-        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            msg = (
-                f"study {study_name!r} has no complete trial of {name!r}; "
-                "raise tuning.n_trials or tuning.timeout_s"
-            )
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete:
+            msg = f"study {study_name!r} has no complete trial of {name!r}; raise tuning.timeout_s"
             raise RuntimeError(msg)
+        if len(complete) < n_trials:
+            logger.warning(
+                "%s: %d of %d trials completed within tuning.timeout_s=%s; its CV AUC is not "
+                "comparable with the other classifiers'",
+                name,
+                len(complete),
+                n_trials,
+                tuning_cfg["timeout_s"],
+            )
         best = study.best_trial
         best_estimator = build_estimator(spec, best.params)
         oof = np.empty(len(y))
-        for fold in folds:
+        for fold in selection.folds:
             oof[fold.val_index] = _fold_proba(best_estimator, fold)
+        model = selection.final_model(best_estimator)
 
-    finished = study.get_trials(deepcopy=False, states=_FINISHED)
-    n_pruned = sum(trial.state == TrialState.PRUNED for trial in finished)
+    n_pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
     logger.info(
-        "%s: cv_auc=%.3f, %d trials (%d pruned), %.1f s",
+        "%s: cv_auc=%.3f, %d complete trials (+%d pruned), %.1f s",
         name,
         best.value,
-        len(finished),
+        len(complete),
         n_pruned,
         time.perf_counter() - start,
     )
@@ -285,11 +340,12 @@ def tune_classifier(
         best_params=dict(best.params),
         cv_auc=float(best.value),
         cv_auc_folds=list(best.user_attrs["fold_aucs"]),
-        n_trials=len(finished),
+        n_trials=len(complete),
         n_pruned=n_pruned,
         trials=study.trials_dataframe(),
         best_pipeline=build_pipeline(selection_cfg, best_estimator),
         oof_proba=pd.Series(oof, index=X.index, name=name),
+        model=model,
     )
 
 
@@ -303,7 +359,10 @@ def sweep(
     storage: str | None,
     study_name: str,
 ) -> dict[str, TuningResult]:
-    """Tune every classifier on the same CV folds (selection fitted once per fold).
+    """Tune every classifier on the same CV folds and fit each best one on all of ``X``.
+
+    The selection is fitted once per fold and once on all of ``X`` and shared by every
+    classifier and trial; each result's ``model`` is ready to predict.
 
     Args:
         X: training feature table.
@@ -314,7 +373,7 @@ def sweep(
         storage: Optuna RDB URL or ``None``.
         study_name: prefix; each classifier's study is ``<study_name>/<classifier>``.
     """
-    folds = prepare_folds(X, y, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg)
+    selection = prepare_folds(X, y, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg)
     return {
         name: tune_classifier(
             X,
@@ -325,7 +384,7 @@ def sweep(
             tuning_cfg=tuning_cfg,
             storage=storage,
             study_name=f"{study_name}/{name}",
-            folds=folds,
+            selection=selection,
         )
         for name, spec in classifiers.items()
     }
@@ -353,8 +412,8 @@ def nested_cv_auc(
 ) -> NestedCVResult:
     """Estimate the whole search's AUC: outer stratified K-fold around :func:`sweep`.
 
-    In each outer fold the classifiers are tuned on the outer training part only, the best
-    by CV AUC is refitted there and scores the outer test part.
+    In each outer fold the classifiers are tuned on the outer training part only, and the
+    best by CV AUC, fitted there (its ``model``), scores the outer test part.
 
     Args:
         X: feature table.
@@ -385,9 +444,7 @@ def nested_cv_auc(
             study_name=f"{study_name}/outer{k}",
         )
         best = select_best(results.values())
-        with _counted_convergence_warnings(f"outer fold {k}"):
-            model = clone(best.best_pipeline).fit(X.iloc[train], y[train])
-        oof[test] = model.predict_proba(X.iloc[test])[:, 1]
+        oof[test] = best.model.predict_proba(X.iloc[test])[:, 1]
         fold_aucs.append(float(roc_auc_score(y[test], oof[test])))
         chosen.append(best.name)
     return NestedCVResult(fold_aucs, pd.Series(oof, index=X.index, name="nested"), chosen)
