@@ -24,7 +24,7 @@ from sklearn.pipeline import Pipeline
 
 from pdl1exp.models.classifiers import build_estimator
 from pdl1exp.models.selection import LassoSelector, build_selection
-from pdl1exp.models.tuning import nested_cv_auc, select_best, sweep, tune_classifier
+from pdl1exp.models.tuning import select_best, sweep, tune_classifier
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -308,14 +308,3 @@ def test_selection_is_fitted_once_per_fold_and_once_for_every_final_model():
     np.testing.assert_array_equal(lr.selected_features_, knn.selected_features_)
 
 
-def test_nested_cv_scores_every_patient_once():
-    X, y = table(seed=6, n=90, p=30, n_planted=3)
-    result = nested_cv_auc(
-        X, y, **two_classifier_search(), storage=None, study_name="nested", outer_folds=3
-    )
-    assert len(result.fold_aucs) == len(result.chosen) == 3
-    assert set(result.chosen) <= {"lr", "knn"}
-    assert result.oof_proba.index.equals(X.index)
-    assert result.oof_proba.between(0, 1).all()
-    assert roc_auc_score(y, result.oof_proba) > 0.75
-    assert np.mean(result.fold_aucs) > 0.75

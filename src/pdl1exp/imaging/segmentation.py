@@ -26,7 +26,8 @@ geometry separates them.
    stumps stay short. Holes are filled.
 6. Plausibility: a result wider than the seed's local extent allows (``extent_factor``
    times its depth, a tumour's radius when the seed is near its centre; at least
-   ``min_extent_mm``, at most ``max_diameter_mm``) or larger than ``max_volume_ml`` is a leak and raises
+   ``min_extent_mm``, at most
+   ``max_diameter_mm``) or larger than ``max_volume_ml`` is a leak and raises
    :class:`SegmentationError`; so do a seed outside the volume, in air, or in non-tumour
    tissue. The result is one connected component containing the seed.
 

@@ -18,10 +18,9 @@ from pdl1exp.evaluation import delong_ci, youden_threshold
 from pdl1exp.hashing import content_key, frame_digest
 from pdl1exp.models.clinical import clinical_pipeline, out_of_fold, signature, signature_column
 from pdl1exp.models.results import Fitted, ModelResult, split_probas
-from pdl1exp.models.tuning import TuningResult, sweep
+from pdl1exp.models.tuning import TuningResult, select_best, sweep
 
 __all__ = [
-    "choose_classifier",
     "combined_table",
     "fit_feature_sets",
     "image_models",
@@ -52,7 +51,7 @@ def image_models(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.Ser
         tuning_cfg=tuning, storage=tuning["storage"], study_name=study_name)
     models = []
     for name, result in results.items():
-        model = clone(result.best_pipeline).fit(X.loc[train], y.loc[train].to_numpy())
+        model = result.model  # fitted on the training split with the shared selection
         proba = split_probas(model, X, splits, centers)
         proba["cv"] = result.oof_proba
         threshold = youden_threshold(y.loc[train], result.oof_proba.loc[train])
@@ -63,15 +62,6 @@ def image_models(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.Ser
             sweep={"sweep_cv_auc": result.cv_auc, "sweep_cv_auc_fold_sd": fold_sd,
                    "sweep_n_trials": result.n_trials, "sweep_n_pruned": result.n_pruned}))
     return models
-
-
-def choose_classifier(models: Sequence[ModelResult]) -> ModelResult:
-    """The classifier of one feature set with the highest tuning CV AUC (never a test metric);
-    ties go to the first."""
-    if not models:
-        msg = "choose_classifier needs at least one model"
-        raise ValueError(msg)
-    return max(models, key=lambda m: m.cv_auc)
 
 
 def logistic_model(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.Series,
@@ -167,7 +157,7 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
                               selection=selection, tuning=tuning,
                               study_name=f"{study_prefix}/{feature_set}/{study}")
         fitted.models.extend(models)
-        fitted.chosen[feature_set] = choose_classifier(models)
+        fitted.chosen[feature_set] = select_best(models)
     if "combined" in feature_sets:
         chosen = {f: fitted.chosen[f] for f in combined_signatures}
         fitted.combined_table = combined_table(table, chosen, clip=clinical["signature_clip"])

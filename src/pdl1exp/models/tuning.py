@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import optuna
@@ -31,10 +31,8 @@ from pdl1exp.models.selection import build_selection
 
 __all__ = [
     "CVFold",
-    "NestedCVResult",
     "SharedSelection",
     "TuningResult",
-    "nested_cv_auc",
     "prepare_folds",
     "select_best",
     "sweep",
@@ -42,6 +40,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -114,21 +114,6 @@ class TuningResult:
     best_pipeline: Pipeline
     oof_proba: pd.Series
     model: Pipeline
-
-
-@dataclass
-class NestedCVResult:
-    """Outer-fold AUCs of the whole search (``tuning.protocol=nested``).
-
-    Attributes:
-        fold_aucs: test AUC of each outer fold.
-        oof_proba: pooled outer out-of-fold probabilities, indexed like ``X``.
-        chosen: the classifier the inner sweep selected in each outer fold.
-    """
-
-    fold_aucs: list[float]
-    oof_proba: pd.Series
-    chosen: list[str]
 
 
 def _check_xy(X: pd.DataFrame, y: np.ndarray) -> np.ndarray:
@@ -390,61 +375,11 @@ def sweep(
     }
 
 
-def select_best(results: Iterable[TuningResult]) -> TuningResult:
-    """The result with the highest CV AUC (never a test metric); ties go to the first."""
+def select_best(results: Iterable[T]) -> T:
+    """The result (anything with ``cv_auc``: a :class:`TuningResult`, a fitted model) with
+    the highest tuning CV AUC, never a test metric; ties go to the first."""
     results = list(results)
     if not results:
-        msg = "select_best needs at least one TuningResult"
+        msg = "select_best needs at least one result"
         raise ValueError(msg)
     return max(results, key=lambda result: result.cv_auc)
-
-
-def nested_cv_auc(
-    X: pd.DataFrame,
-    y: np.ndarray,
-    *,
-    classifiers: Mapping[str, Mapping[str, Any]],
-    selection_cfg: Mapping[str, Any],
-    tuning_cfg: Mapping[str, Any],
-    storage: str | None,
-    study_name: str,
-    outer_folds: int | None = None,
-) -> NestedCVResult:
-    """Estimate the whole search's AUC: outer stratified K-fold around :func:`sweep`.
-
-    In each outer fold the classifiers are tuned on the outer training part only, and the
-    best by CV AUC, fitted there (its ``model``), scores the outer test part.
-
-    Args:
-        X: feature table.
-        y: 0/1 labels.
-        classifiers: ``cfg.classifier``.
-        selection_cfg: ``cfg.selection``.
-        tuning_cfg: ``cfg.tuning``.
-        storage: Optuna RDB URL or ``None``.
-        study_name: prefix; outer fold ``k`` uses ``<study_name>/outer<k>/<classifier>``.
-        outer_folds: number of outer folds; ``tuning_cfg["outer_folds"]`` when omitted.
-    """
-    y = _check_xy(X, y)
-    splitter = StratifiedKFold(
-        outer_folds or tuning_cfg["outer_folds"],
-        shuffle=True,
-        random_state=tuning_cfg["random_state"],
-    )
-    oof = np.empty(len(y))
-    fold_aucs, chosen = [], []
-    for k, (train, test) in enumerate(splitter.split(X, y)):
-        results = sweep(
-            X.iloc[train],
-            y[train],
-            classifiers=classifiers,
-            selection_cfg=selection_cfg,
-            tuning_cfg=tuning_cfg,
-            storage=storage,
-            study_name=f"{study_name}/outer{k}",
-        )
-        best = select_best(results.values())
-        oof[test] = best.model.predict_proba(X.iloc[test])[:, 1]
-        fold_aucs.append(float(roc_auc_score(y[test], oof[test])))
-        chosen.append(best.name)
-    return NestedCVResult(fold_aucs, pd.Series(oof, index=X.index, name="nested"), chosen)
