@@ -22,6 +22,7 @@ from pdl1exp.evaluation import (
     flatten_metrics,
     metrics_with_ci,
 )
+from pdl1exp.evaluation.statistics import calibration_intercept_slope
 
 THRESHOLD = 0.5
 
@@ -66,13 +67,46 @@ def test_metrics_with_ci(sample: tuple[np.ndarray, np.ndarray]) -> None:
     assert tuple(table) == (*METRICS, "auc_delong")
     point = binary_metrics(y, prob, THRESHOLD)
     for metric in METRICS:
-        estimate, lower, upper = table[metric]
+        estimate, lower, upper, method = table[metric]
         assert estimate == pytest.approx(point[metric])
         assert lower <= estimate <= upper
-        assert table[metric] == bootstrap_ci(
+        assert method == "bootstrap"
+        assert table[metric][:3] == bootstrap_ci(
             y, prob, metric, n_boot=300, level=0.9, seed=3, threshold=THRESHOLD
         )
-    assert table["auc_delong"] == delong_ci(y, prob, level=0.9)
+    assert table["auc_delong"][:3] == delong_ci(y, prob, level=0.9)
+
+
+def test_degenerate_proportion_gets_clopper_pearson() -> None:
+    """12/12 positives detected: not a 1.00-1.00 interval (R binom.test: 0.7354-1)."""
+    y = np.r_[np.ones(12), np.zeros(12)].astype(int)
+    prob = np.r_[np.full(12, 0.9), np.linspace(0.1, 0.95, 12)]
+    table = metrics_with_ci(y, prob, 0.5, n_boot=200, level=0.95, seed=0)
+    estimate, lower, upper, method = table["sensitivity"]
+    assert (estimate, method) == (1.0, "clopper_pearson")
+    assert lower == pytest.approx(0.7353515, abs=1e-6)
+    assert upper == 1.0
+    assert table["specificity"].method == "bootstrap"
+    wilson = metrics_with_ci(y, prob, 0.5, n_boot=200, level=0.95, seed=0,
+                             proportion_ci="wilson")
+    assert wilson["specificity"].method == "wilson"
+    assert wilson["auc"].method == "bootstrap"
+    with pytest.raises(ValueError, match="proportion_ci"):
+        metrics_with_ci(y, prob, 0.5, n_boot=10, level=0.95, seed=0, proportion_ci="exact")
+
+
+def test_calibration_intercept_and_slope() -> None:
+    rng = np.random.default_rng(0)
+    true = rng.uniform(0.05, 0.95, 4000)
+    y = (rng.random(4000) < true).astype(int)
+    calibrated = calibration_intercept_slope(y, true)
+    assert calibrated["calibration_intercept"][1] < 0 < calibrated["calibration_intercept"][2]
+    assert calibrated["calibration_slope"][1] < 1 < calibrated["calibration_slope"][2]
+    # Overconfident predictions (logit doubled): slope about 1/2.
+    over = 1 / (1 + np.exp(-2 * np.log(true / (1 - true))))
+    slope, lower, upper = calibration_intercept_slope(y, over)["calibration_slope"]
+    assert lower < 0.5 < upper
+    assert slope == pytest.approx(0.5, abs=0.05)
 
 
 def test_flatten_metrics_names(sample: tuple[np.ndarray, np.ndarray]) -> None:

@@ -57,7 +57,8 @@ def test_smoke_experiment_end_to_end(smoke_store, tmp_path: Path) -> None:
             "selected_features.csv", "predictions.csv", "qc", "roc_test.png",
             "calibration_test.png", "dca_test.png", "lasso_path.png", "nomogram.png",
             "report.html", "metrics_table.csv", "baseline_by_split.csv",
-            "clinical_odds_ratios.csv"} <= artifacts
+            "clinical_odds_ratios.csv", "delong_tests_exploratory.csv",
+            "roc_test_exploratory.png"} <= artifacts
     qc = [a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "qc")]
     assert qc
     assert all(p.startswith("qc/SYN") and p.endswith(".png") for p in qc)
@@ -67,9 +68,19 @@ def test_smoke_experiment_end_to_end(smoke_store, tmp_path: Path) -> None:
     assert set(table["split"]) == {"train", "cv", "test"}
     assert set(table["feature_set"]) == {"clinical", "dlr", "radiomics", "dlr+radiomics",
                                          "combined"}
+    assert {"bootstrap", "delong", "wald"} <= set(table["ci_method"])
+    for name in ("calibration_intercept", "calibration_slope"):
+        assert f"test_{name}" in metrics
+        assert metrics[f"test_{name}_ci_lower"] <= metrics[f"test_{name}_ci_upper"]
+    assert tags["best_feature_set"] == "combined"  # the pre-specified primary, always
+    delong = pd.read_csv(Path(folder) / "delong_tests.csv")
+    assert list(delong.columns) == ["split", "model_a", "model_b", "z", "p", "p_holm"]
+    assert len(delong) == 1 + 3 + 3  # combined vs clinical and each image; images pairwise
+    assert (delong["p_holm"] >= delong["p"]).all()
     report = (Path(folder) / "report.html").read_text()
-    assert "AUC (95% CI)" in report
-    assert "data:image/png;base64" in report
+    for text in ("AUC (95% CI)", "tuning CV (optimistic)", "TRIPOD+AI", "Holm-adjusted",
+                 "data:image/png;base64"):
+        assert text in report, text
     splits = pd.read_csv(Path(folder) / "splits.csv", index_col="patient_id")
     assert len(splits) == cfg.dataset.generator.n_patients
     assert (splits["split"] == "test").mean() == pytest.approx(cfg.dataset.test_size, abs=0.05)

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 
+from pdl1exp.evaluation import delong_test_unpaired
 from pdl1exp.promote import decide, promote
 from pdl1exp.serving import CHAMPION
 from tests.test_serving import log_version
@@ -66,9 +68,14 @@ def test_dry_run_changes_nothing(tmp_path: Path, capsys) -> None:
 def test_rule_without_pairing_and_without_the_auc_requirement() -> None:
     champion = _predictions(GOOD)
     unpaired = decide(_predictions(BAD, prefix="U"), champion, alpha=0.05)
-    assert unpaired.method == "DeLong CIs"
+    assert unpaired.method == "unpaired DeLong"
     assert not unpaired.promote
-    assert unpaired.numbers["candidate_ci_upper"] < unpaired.numbers["champion_ci_lower"]
+    assert unpaired.numbers["p_worse"] < 0.05
+    bad, good = _predictions(BAD, prefix="U"), champion
+    z, p = delong_test_unpaired(bad["label"], bad["probability"], good["label"],
+                                good["probability"])
+    assert unpaired.numbers["z"] == z
+    assert p == pytest.approx(2 * unpaired.numbers["p_worse"])
 
     slightly_lower = GOOD.copy()
     slightly_lower[[0, 2]] = 0.9  # two negatives now outrank some positives

@@ -92,7 +92,7 @@ def test_metrics_table_orders_and_formats() -> None:
     assert list(table.columns[3:]) == [
         "AUC (95% CI)", "Sensitivity (95% CI)", "Specificity (95% CI)", "Accuracy (95% CI)",
         "PPV (95% CI)", "NPV (95% CI)", "F1 (95% CI)", "Brier (95% CI)"]
-    order = ["train", "cv", "test", "external_a", "external_b"]
+    order = ["train", "tuning CV (optimistic)", "test", "external_a", "external_b"]
     assert table["Split"].tolist() == order * 2
     # First appearance in the shuffled rows decides the model order.
     first = long_metrics().assign(model=lambda f: f.feature_set + "/" + f.classifier)
@@ -102,7 +102,8 @@ def test_metrics_table_orders_and_formats() -> None:
     assert dlr_test["AUC (95% CI)"] == "0.51 (0.46–0.56)"
     assert dlr_test["Sensitivity (95% CI)"] == "0.50 (0.45–0.55)"
     assert dlr_test["n"] == 40
-    lr_cv = table[(table.Model == "clinical/lr") & (table.Split == "cv")].iloc[0]
+    cv = table.Split == "tuning CV (optimistic)"
+    lr_cv = table[(table.Model == "clinical/lr") & cv].iloc[0]
     assert lr_cv["PPV (95% CI)"] == "n/a"
 
 

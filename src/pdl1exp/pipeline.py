@@ -29,7 +29,13 @@ from pdl1exp.features.radiomics import RadiomicsExtraction, extract_radiomics
 from pdl1exp.hashing import content_key
 from pdl1exp.imaging.qc import qc_figures
 from pdl1exp.imaging.rois import roi_stage
-from pdl1exp.models.assessment import delong_table, evaluate, selected_features, split_metrics
+from pdl1exp.models.assessment import (
+    delong_table,
+    evaluate,
+    prespecified_delong,
+    selected_features,
+    split_metrics,
+)
 from pdl1exp.models.fitting import fit_feature_sets
 from pdl1exp.models.nested import nested_estimates
 from pdl1exp.models.results import Fitted, ModelResult, held_out_frame
@@ -222,11 +228,13 @@ def run(cfg: DictConfig) -> float:
         nested = None
         if cfg.tuning.protocol == "nested":
             nested = _nested(cfg, table.loc[splits == "train"], features, chain)
-        metrics = pd.concat([evaluate(m, y, n_boot=ev.n_boot, level=ev.level, seed=cfg.seed)
+        metrics = pd.concat([evaluate(m, y, n_boot=ev.n_boot, level=ev.level, seed=cfg.seed,
+                                      proportion_ci=ev.proportion_ci)
                              for m in fitted.models], ignore_index=True)
         log_frame(metrics, "metrics.csv")
-        delong = delong_table(fitted.models, y)
+        delong = prespecified_delong(fitted, y)
         log_frame(delong, "delong_tests.csv")
+        log_frame(delong_table(fitted.models, y), "delong_tests_exploratory.csv")
         for model in fitted.models:
             rows = metrics[(metrics.feature_set == model.feature_set)
                            & (metrics.classifier == model.classifier)]

@@ -1,10 +1,11 @@
 """``python -m pdl1exp.promote registry.name=NAME``: the candidate becomes champion if it holds.
 
 Both versions are compared on held-out data, their runs' test predictions: when they were
-evaluated on the same test patients, by the paired one-sided DeLong test; otherwise by their
-DeLong AUC confidence intervals. The rule (``promote.require_higher_auc: true``): the candidate's
-AUC is at least the champion's and it is not significantly worse (one-sided, ``promote.alpha``);
-with ``false`` only the second part. Without a champion the candidate is promoted. The decision
+evaluated on the same test patients, by the paired one-sided DeLong test; otherwise by the
+unpaired one (pROC ``roc.test(paired = FALSE)``). The rule
+(``promote.require_higher_auc: true``): the candidate's AUC is at least the champion's and it
+is not significantly worse (one-sided, ``promote.alpha``); with ``false`` only the second
+part. Without a champion the candidate is promoted. The decision
 and its numbers are written on the candidate version (tags and description) and printed;
 ``promote.dry_run=true`` only prints.
 """
@@ -24,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from scipy import stats
 
-from pdl1exp.evaluation import delong_ci, delong_test
+from pdl1exp.evaluation import delong_ci, delong_test, delong_test_unpaired
 from pdl1exp.paths import CONFIG_DIR
 from pdl1exp.serving import CANDIDATE, CHAMPION, held_out_predictions
 
@@ -39,7 +40,8 @@ class Decision:
 
     Args:
         promote: move ``champion`` to the candidate.
-        method: ``paired DeLong``, ``DeLong CIs``, ``no champion`` or ``already champion``.
+        method: ``paired DeLong``, ``unpaired DeLong``, ``no champion`` or
+            ``already champion``.
         reason: one sentence for people.
         numbers: AUCs, CIs, z and p of the comparison.
     """
@@ -78,14 +80,18 @@ def decide(candidate: pd.DataFrame, champion: pd.DataFrame | None, *, alpha: flo
             return Decision(False, method, "the DeLong test is undefined on this test set "
                             "(one class only)", numbers)
     else:
-        level = 1 - alpha
-        c_auc, c_low, c_up = delong_ci(candidate["label"], candidate["probability"], level=level)
-        h_auc, h_low, h_up = delong_ci(champion["label"], champion["probability"], level=level)
-        numbers = {"candidate_auc": c_auc, "candidate_ci_lower": c_low, "candidate_ci_upper": c_up,
-                   "champion_auc": h_auc, "champion_ci_lower": h_low, "champion_ci_upper": h_up,
-                   "ci_level": level}
-        # Different test patients: no pairing; worse only when the intervals do not overlap.
-        method, worse = "DeLong CIs", bool(c_up < h_low)
+        # Different test patients: the unpaired DeLong test (pROC roc.test(paired = FALSE)).
+        z, _ = delong_test_unpaired(candidate["label"], candidate["probability"],
+                                    champion["label"], champion["probability"])
+        p_worse = float(stats.norm.cdf(z))
+        numbers = {"candidate_auc": delong_ci(candidate["label"], candidate["probability"])[0],
+                   "champion_auc": delong_ci(champion["label"], champion["probability"])[0],
+                   "z": z, "p_worse": p_worse, "n_test": float(len(candidate)),
+                   "n_test_champion": float(len(champion))}
+        method, worse = "unpaired DeLong", bool(p_worse < alpha)
+        if np.isnan(p_worse):
+            return Decision(False, method, "the DeLong test is undefined on a test set "
+                            "(fewer than 2 patients of a class)", numbers)
     lower = numbers["candidate_auc"] < numbers["champion_auc"]
     detail = (f"AUC {numbers['candidate_auc']:.3f} vs champion {numbers['champion_auc']:.3f} "
               f"({method})")
@@ -126,8 +132,11 @@ def promote(*, name: str, alpha: float, require_higher_auc: bool = True,
                           alpha=alpha, require_higher_auc=require_higher_auc)
     against = f"champion version {champion.version}" if champion else "no champion"
     verdict = "PROMOTED" if decision.promote else "NOT PROMOTED"
+    # The comparison selects a model on the test split: its test AUC is no longer an
+    # unbiased estimate for the promoted model (report the nested-CV estimate instead).
     text = (f"{verdict}: {name} version {candidate.version} vs {against}: {decision.reason}; "
-            f"alpha={alpha}, require_higher_auc={require_higher_auc}"
+            f"alpha={alpha}, require_higher_auc={require_higher_auc}. The test split has now "
+            "been used for a selection: its AUC is no longer an unbiased estimate."
             + "".join(f"\n  {k} = {v:.6g}" for k, v in decision.numbers.items()))
     print(("[dry run] " if dry_run else "") + text)
     if dry_run or decision.method == "already champion":
@@ -135,6 +144,7 @@ def promote(*, name: str, alpha: float, require_higher_auc: bool = True,
     tags = {"promotion.decision": "promoted" if decision.promote else "rejected",
             "promotion.method": decision.method, "promotion.alpha": str(alpha),
             "promotion.champion_version": str(champion.version) if champion else "none",
+            "promotion.test_split_used_for_selection": "true",
             **{f"promotion.{k}": f"{v:.6g}" for k, v in decision.numbers.items()}}
     for key, value in tags.items():
         client.set_model_version_tag(name, candidate.version, key, value)

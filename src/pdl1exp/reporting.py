@@ -22,7 +22,7 @@ from pdl1exp.evaluation.figures import (
     roc_figure,
 )
 from pdl1exp.evaluation.report import ReportSection, write_report
-from pdl1exp.evaluation.tables import baseline_table, metrics_table
+from pdl1exp.evaluation.tables import baseline_table, format_p, metrics_table
 from pdl1exp.features.extract import ROI_DESCRIPTORS
 from pdl1exp.models.logistic import odds_ratio_table
 from pdl1exp.models.nomogram import build_nomogram
@@ -119,6 +119,62 @@ def _model_figures(cfg: DictConfig, fitted: Fitted, primary: ModelResult, table:
     return paths
 
 
+def _outcome(cfg: DictConfig) -> str:
+    target = cfg.dataset.get("target")
+    if target:
+        rule = (f"{target.column} >= {target.cutoff}" if target.get("cutoff") is not None
+                else f"{target.column} = {target.get('positive')}")
+        return f"{target.get('name') or target.column} positive when {rule}"
+    return (f"PD-L1 positive when the tumour proportion score >= {cfg.dataset.tps_cutoff} % "
+            "(or the manifest's 0/1 label)")
+
+
+def _tripod(cfg: DictConfig, cohort: Cohort, table: pd.DataFrame, splits: pd.Series,
+            fitted: Fitted, primary: ModelResult, metrics: pd.DataFrame,
+            nested: pd.DataFrame | None) -> ReportSection:
+    """TRIPOD+AI-style reporting checklist of the run (items a reviewer looks for)."""
+    y, train = table["label"], splits == "train"
+    events = int(min(y[train].sum(), (1 - y[train]).sum()))
+    clinical = [*cohort.numeric, *cohort.categorical]
+    missing = table[clinical].isna().sum() if clinical else pd.Series(dtype=int)
+    candidates = {m.feature_set: len(m.features) for m in fitted.chosen.values()}
+    test = metrics[(metrics.feature_set == primary.feature_set)
+                   & (metrics.classifier == primary.classifier) & (metrics.split == "test")]
+    calibration = {r.metric: f"{r.estimate:.2f} ({r.ci_lower:.2f} to {r.ci_upper:.2f})"
+                   for r in test.itertuples() if r.metric.startswith("calibration_")}
+    items = {
+        "Data source": (f"{cfg.dataset.name}: {len(table)} patients from {cohort.source.name}"
+                        f" ({table['center'].nunique()} center(s)); {len(cohort.problems)} "
+                        "excluded with reasons (excluded_patients.csv)"),
+        "Outcome": _outcome(cfg),
+        "Predictors": (f"clinical {clinical or 'none'}; image feature sets "
+                       f"{sorted(fitted.chosen) or 'none'} from the tumour ROI"),
+        "Missing data": ("imputed inside every fitted pipeline from training rows only "
+                         "(median / most frequent); missing clinical values: "
+                         + (", ".join(f"{k} {v}" for k, v in missing.items() if v) or "none")),
+        "Sample size": (f"{int(train.sum())} training patients, {events} events in the "
+                        f"smaller class; events per candidate predictor: clinical "
+                        f"{events / max(len(clinical), 1):.1f}, "
+                        + ", ".join(f"{k} {events / n:.2f} ({n} features before selection)"
+                                    for k, n in candidates.items())),
+        "Model choice": (f"primary model pre-specified (evaluation.primary="
+                         f"{cfg.evaluation.primary}); within each image feature set the "
+                         f"classifier with the best tuning-CV AUC after "
+                         f"{cfg.tuning.n_trials} completed Optuna trials each; clinical "
+                         f"model clinical={cfg.clinical.name}"),
+        "Estimates": ("single stratified test split, scored once"
+                      + ("; whole-chain nested CV on the training split (below)"
+                         if nested is not None else
+                         "; no nested CV in this run (tuning.protocol=nested adds it)")),
+        "Calibration (test)": (", ".join(f"{k.removeprefix('calibration_')} {v}"
+                                         for k, v in calibration.items()) or "not estimable"),
+        "Intended use": (f"research: estimating {cohort.target_name} status from CT (+ clinical "
+                         "data) for cohort studies; not validated for clinical decisions"),
+    }
+    checklist = pd.DataFrame({"item": list(items), "this run": list(items.values())})
+    return ReportSection("Reporting checklist (TRIPOD+AI items)", table=checklist)
+
+
 def write_outputs(cfg: DictConfig, *, cohort: Cohort, table: pd.DataFrame, splits: pd.Series,
                   fitted: Fitted, primary: ModelResult, metrics: pd.DataFrame,
                   delong: pd.DataFrame, versions: dict[str, str], folder: Path,
@@ -162,7 +218,13 @@ def write_outputs(cfg: DictConfig, *, cohort: Cohort, table: pd.DataFrame, split
         ReportSection("Figures", figures=[p for p in figures if p.suffix == ".png"]),
         ReportSection("Exploratory figures: every classifier", figures=[
             p for p in exploratory if p.suffix == ".png"]),
-        ReportSection("Paired DeLong tests", table=delong),
+        ReportSection("Pre-specified comparisons on the test split", text=(
+            "Paired DeLong tests: combined vs clinical, combined vs each image model, image "
+            "models against each other; p-values Holm-adjusted for these comparisons only "
+            "(every other pair is exploratory: delong_tests_exploratory.csv)."),
+            table=delong.assign(p=delong["p"].map(format_p),
+                                p_holm=delong["p_holm"].map(format_p))),
+        _tripod(cfg, cohort, table, splits, fitted, primary, metrics, nested),
         ReportSection("Data and code versions", table=versions),
     ]
     report = write_report(folder / "report.html", title=f"pdl1exp: {cfg.name}",

@@ -1,4 +1,4 @@
-"""Evaluation: pure numpy/scipy statistics (pROC-compatible) and metric tables."""
+"""Evaluation: pure numpy/scipy/statsmodels statistics (pROC-compatible) and metric tables."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from pdl1exp.evaluation.statistics import (
     BootstrapCI,
     bootstrap_ci,
     bootstrap_cis,
+    calibration_intercept_slope,
     delong_ci,
     delong_test,
+    delong_test_unpaired,
     hosmer_lemeshow,
     metric_value,
     net_benefit,
@@ -22,8 +24,10 @@ __all__ = [
     "binary_metrics",
     "bootstrap_ci",
     "bootstrap_cis",
+    "calibration_intercept_slope",
     "delong_ci",
     "delong_test",
+    "delong_test_unpaired",
     "flatten_metrics",
     "hosmer_lemeshow",
     "metric_value",

@@ -110,8 +110,11 @@ def _quantile_bins(p: np.ndarray, groups: int) -> np.ndarray:
 
 
 def _hosmer_lemeshow_p(y: np.ndarray, p: np.ndarray, groups: int) -> float:
-    """Hosmer-Lemeshow p, NaN where the test is undefined (a single distinct probability)."""
-    return hosmer_lemeshow(y, p, groups)[1] if np.unique(p).size > 1 else np.nan
+    """Hosmer-Lemeshow p on held-out patients (validation data: df = groups), NaN where the
+    test is undefined (a single distinct probability)."""
+    if np.unique(p).size < 2:
+        return np.nan
+    return hosmer_lemeshow(y, p, groups, validation=True)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +204,7 @@ def calibration_figure(
             brier = metric_value(y, p, "brier")
             hl_p = _hosmer_lemeshow_p(y, p, groups)
             top.plot(mean_p, observed, marker="o", ms=4, lw=1.5, color=color,
-                     label=f"{name} Brier {brier:.3f}, HL p {_fmt(hl_p, 3)}")
+                     label=f"{name} Brier {brier:.3f}, HL p {_fmt(hl_p, 3)} (df {groups})")
             bottom.hist(p, bins=bins, histtype="step", lw=1.5, color=color)
         top.set(xlim=(0, 1), ylim=(0, 1), ylabel="Observed proportion", title=title)
         top.legend(loc="upper left")

@@ -12,17 +12,21 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import statsmodels.api as sm
 from numpy.typing import ArrayLike, NDArray
 from scipy import stats
+from scipy.special import logit
 
 __all__ = [
     "METRICS",
     "BootstrapCI",
     "bootstrap_ci",
     "bootstrap_cis",
+    "calibration_intercept_slope",
     "check_scores",
     "delong_ci",
     "delong_test",
+    "delong_test_unpaired",
     "hosmer_lemeshow",
     "metric_value",
     "net_benefit",
@@ -426,6 +430,34 @@ def delong_test(y_true: ArrayLike, score_a: ArrayLike, score_b: ArrayLike) -> tu
     return z, float(2 * stats.norm.sf(abs(z)))
 
 
+def delong_test_unpaired(y_a: ArrayLike, score_a: ArrayLike, y_b: ArrayLike,
+                         score_b: ArrayLike) -> tuple[float, float]:
+    """Unpaired two-sided DeLong test of AUC(a) = AUC(b) on different patients: ``(z, p)``,
+    as pROC ``roc.test(paired = FALSE, method = "delong")``: ``z = (AUC_a - AUC_b) /
+    sqrt(V_a + V_b)``.
+
+    Args:
+        y_a: 0/1 labels of the first model's patients.
+        score_a: its scores.
+        y_b: 0/1 labels of the second model's patients.
+        score_b: its scores.
+    """
+    parts = []
+    for name, labels, score in (("a", y_a, score_a), ("b", y_b, score_b)):
+        y, scores = check_scores(labels, score, names=(f"score_{name}",))
+        if not _delong_defined(y, "delong_test_unpaired"):
+            return np.nan, np.nan
+        theta, cov = _delong(y, scores)
+        parts.append((theta[0], cov[0, 0]))
+    (auc_a, var_a), (auc_b, var_b) = parts
+    diff, sig = auc_a - auc_b, np.sqrt(var_a + var_b)
+    if diff == 0 and sig == 0:
+        return 0.0, 1.0
+    with np.errstate(divide="ignore"):
+        z = float(diff / sig)
+    return z, float(2 * stats.norm.sf(abs(z)))
+
+
 def youden_threshold(y_true: ArrayLike, y_score: ArrayLike) -> float:
     """Cut-off maximising sensitivity + specificity - 1; predict positive when score >= it.
 
@@ -456,18 +488,22 @@ def youden_threshold(y_true: ArrayLike, y_score: ArrayLike) -> float:
     return float(mid[best])
 
 
-def hosmer_lemeshow(y_true: ArrayLike, y_prob: ArrayLike, groups: int = 10) -> tuple[float, float]:
+def hosmer_lemeshow(y_true: ArrayLike, y_prob: ArrayLike, groups: int = 10, *,
+                    validation: bool = False) -> tuple[float, float]:
     """Hosmer-Lemeshow test ``(statistic, p_value)``, as R ``ResourceSelection::hoslem.test``.
 
     Groups are cut at the unique ``quantile(y_prob, seq(0, 1, 1/groups))`` (R type 7), intervals
     closed on the right and the lowest one closed on both sides; df = ``groups - 2`` even when
-    ties leave fewer groups (as hoslem.test). Where a group has an expected count of 0 (empty
-    group, or probabilities all 0 or all 1) the statistic is undefined: NaN with a warning.
+    ties leave fewer groups (as hoslem.test). On validation data (a model not fitted on these
+    patients) df = ``groups``, as Hosmer and Lemeshow recommend for external samples. Where a
+    group has an expected count of 0 (empty group, or probabilities all 0 or all 1) the
+    statistic is undefined: NaN with a warning.
 
     Args:
         y_true: 0/1 labels.
         y_prob: predicted probabilities of the positive class.
         groups: number of quantile groups, at least 3.
+        validation: the patients are validation data (df = groups).
     """
     if groups < 3:
         msg = f"groups must be >= 3 (df = groups - 2), got {groups}"
@@ -495,7 +531,7 @@ def hosmer_lemeshow(y_true: ArrayLike, y_prob: ArrayLike, groups: int = 10) -> t
         )
         return np.nan, np.nan
     statistic = float(((obs - exp) ** 2 / exp).sum())
-    return statistic, float(stats.chi2.sf(statistic, groups - 2))
+    return statistic, float(stats.chi2.sf(statistic, groups if validation else groups - 2))
 
 
 def net_benefit(y_true: ArrayLike, y_prob: ArrayLike, thresholds: ArrayLike) -> FloatArray:
@@ -588,3 +624,30 @@ def roc_band(
     boot = _sensitivity_at(y, s, idx, grid)
     lower, upper = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0)
     return estimate, lower, upper
+
+
+def calibration_intercept_slope(y_true: ArrayLike, y_prob: ArrayLike, *,
+                                level: float = 0.95) -> dict[str, tuple[float, float, float]]:
+    """Logistic recalibration: calibration intercept (in the large) and slope with Wald CIs.
+
+    The slope is ``b`` of ``logit P(y) = a + b logit(p)``; the intercept is ``a`` of
+    ``logit P(y) = a + logit(p)`` (slope fixed at 1, as Van Calster et al. 2019). A
+    well-calibrated model has intercept 0 and slope 1. Probabilities are clipped to
+    ``[1e-8, 1 - 1e-8]`` before the logit.
+
+    Args:
+        y_true: 0/1 labels.
+        y_prob: predicted probabilities of the positive class.
+        level: confidence level.
+    """
+    y, (p,) = check_scores(y_true, y_prob, names=("y_prob",), probability=True)
+    level = _check_level(level)
+    lp = logit(np.clip(p, 1e-8, 1 - 1e-8))
+    family = sm.families.Binomial()
+    out = {}
+    for name, design, offset in (("calibration_intercept", np.ones((y.size, 1)), lp),
+                                 ("calibration_slope", sm.add_constant(lp), None)):
+        fit = sm.GLM(y.astype(float), design, family=family, offset=offset).fit()
+        lower, upper = fit.conf_int(alpha=1 - level)[-1]
+        out[name] = (float(fit.params[-1]), float(lower), float(upper))
+    return out

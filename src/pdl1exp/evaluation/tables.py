@@ -124,9 +124,11 @@ def metrics_table(
         auc_ci: ``"delong"`` or ``"bootstrap"`` AUC interval.
     """
     wide = metrics_numeric(metrics, auc_ci=auc_ci)
+    splits = wide.index.get_level_values("split")
     table = pd.DataFrame({
         "Model": wide.index.get_level_values("model"),
-        "Split": wide.index.get_level_values("split"),
+        # Out-of-fold AUCs on the folds the model was tuned or chosen on are optimistic.
+        "Split": np.where(splits == "cv", "tuning CV (optimistic)", splits),
         "n": wide["n"].astype(int).to_numpy(),
     })
     for metric in (m for m in METRICS if m in wide.columns):
