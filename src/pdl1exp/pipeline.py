@@ -36,6 +36,7 @@ from pdl1exp.models.assessment import (
     selected_features,
     split_metrics,
 )
+from pdl1exp.models.calibration import recalibrate
 from pdl1exp.models.fitting import fit_feature_sets
 from pdl1exp.models.nested import nested_estimates
 from pdl1exp.models.results import Fitted, ModelResult, held_out_frame
@@ -158,7 +159,8 @@ def _selected_model(primary: ModelResult, fitted: Fitted, cohort_clinical: list[
         image={f: m.model for f, m in image.items()},
         image_features={f: m.features for f, m in image.items()},
         clinical=primary.model if primary.feature_set in ("clinical", "combined") else None,
-        clinical_features=cohort_clinical, signature_clip=signature_clip)
+        clinical_features=cohort_clinical, signature_clip=signature_clip,
+        calibrator=primary.calibrator)
     return model.fit(None)
 
 
@@ -225,6 +227,8 @@ def run(cfg: DictConfig) -> float:
                  "study_prefix": cfg.name, "seed": cfg.seed}
         fitted = fit_feature_sets(table, features, splits, **chain)
         ev = cfg.evaluation
+        raw = fitted.primary(ev.primary)
+        fitted.swap(raw, recalibrate(raw, y, method=ev.recalibrate))
         nested = None
         if cfg.tuning.protocol == "nested":
             nested = _nested(cfg, table.loc[splits == "train"], features, chain)
@@ -244,7 +248,8 @@ def run(cfg: DictConfig) -> float:
                        & (metrics.classifier == primary.classifier)]
         mlflow.log_metrics(split_metrics(rows))
         mlflow.set_tags({"best_feature_set": primary.feature_set,
-                         "best_classifier": primary.classifier})
+                         "best_classifier": primary.classifier,
+                         "recalibration": ev.recalibrate})
         if fitted.chosen:
             first = fitted.chosen.get(primary.feature_set) or next(iter(fitted.chosen.values()))
             log_frame(selected_features(first.model), "selected_features.csv")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,10 @@ def _model_figures(cfg: DictConfig, fitted: Fitted, primary: ModelResult, table:
         if model is nomogram_model:
             nomogram = build_nomogram(model.model, X, n_ticks=ev.nomogram.n_ticks,
                                       points_max=ev.nomogram.points_max, **columns)
+            if getattr(model.calibrator, "method", None) == "platt":  # calibrated risk axis
+                a, b = model.calibrator.intercept_, model.calibrator.slope_
+                nomogram = replace(nomogram, points_per_logit=nomogram.points_per_logit / b,
+                                   logit_at_zero=a + b * nomogram.logit_at_zero)
             paths.append(nomogram_figure(nomogram, folder / "nomogram.png", dpi=ev.dpi))
         if model is primary:
             importance = odds.set_index("term")["coef"].drop("(Intercept)", errors="ignore")

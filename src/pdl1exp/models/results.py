@@ -26,6 +26,7 @@ class ModelResult:
         features: the columns ``model`` reads.
         extra: additional artifacts (tables) for the child run.
         sweep: Optuna sweep summary metrics (mean tuned CV AUC, its fold SD, trial counts).
+        calibrator: the recalibration applied to ``model``'s probabilities (None: raw).
     """
 
     feature_set: str
@@ -38,6 +39,7 @@ class ModelResult:
     features: list[str] = field(default_factory=list)
     extra: dict[str, pd.DataFrame] = field(default_factory=dict)
     sweep: dict[str, float] = field(default_factory=dict)
+    calibrator: Any = None
 
     @property
     def name(self) -> str:
@@ -74,6 +76,11 @@ class Fitted:
     models: list[ModelResult]
     chosen: dict[str, ModelResult] = field(default_factory=dict)
     combined_table: pd.DataFrame | None = None
+
+    def swap(self, old: ModelResult, new: ModelResult) -> None:
+        """Put ``new`` in ``old``'s place (e.g. its recalibrated version)."""
+        self.models = [new if m is old else m for m in self.models]
+        self.chosen = {f: new if m is old else m for f, m in self.chosen.items()}
 
     def primary(self, feature_set: str) -> ModelResult:
         """The pre-specified primary model: the feature set's chosen model."""

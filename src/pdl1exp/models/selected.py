@@ -32,12 +32,14 @@ class SelectedModel(ClassifierMixin, BaseEstimator):
         threshold: train-chosen cut-off; positive when probability >= threshold.
         clinical_features: clinical columns the clinical pipeline reads.
         signature_clip: the clip of the image signatures (:func:`signature`).
+        calibrator: fitted recalibration of the probability (``transform``), or None.
     """
 
     def __init__(self, *, feature_set: str, image: Mapping[str, Any] | None = None,
                  image_features: Mapping[str, Sequence[str]] | None = None,
                  clinical: Any = None, threshold: float = 0.5,
-                 clinical_features: Sequence[str] = (), signature_clip: float = 0.01) -> None:
+                 clinical_features: Sequence[str] = (), signature_clip: float = 0.01,
+                 calibrator: Any = None) -> None:
         self.feature_set = feature_set
         self.image = image
         self.image_features = image_features
@@ -45,6 +47,7 @@ class SelectedModel(ClassifierMixin, BaseEstimator):
         self.threshold = threshold
         self.clinical_features = clinical_features
         self.signature_clip = signature_clip
+        self.calibrator = calibrator
 
     @property
     def input_columns(self) -> list[str]:
@@ -93,6 +96,8 @@ class SelectedModel(ClassifierMixin, BaseEstimator):
                 table[signature_column(name)] = signature(self._image_proba(name, X),
                                                                clip=self.signature_clip)
             positive = self.clinical.predict_proba(table)[:, 1]
+        if self.calibrator is not None:
+            positive = self.calibrator.transform(positive)
         return np.column_stack([1 - positive, positive])
 
     def predict(self, X: pd.DataFrame) -> np.ndarray:
