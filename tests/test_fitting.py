@@ -98,3 +98,28 @@ def test_honest_estimates_under_the_null(compose_cfg, seed: int) -> None:
     fitted = fit_feature_sets(table, {"dlr": deep}, train, **kwargs)
     headline = fitted.primary("combined").proba["test"]
     assert roc_auc_score(table["label"].loc[headline.index], headline) < 0.75
+
+
+def test_robust_selection_gets_icc_replicates_and_combat_centers(compose_cfg) -> None:
+    """ICC replicates and ComBat centers reach the selection steps inside every fold; a
+    noisy (irreproducible) feature is filtered and the planted center shift is harmonised."""
+    table, deep = cohort(seed=7, p=6, signal=1.5)
+    rad = deep.rename(columns=lambda c: c.replace("dl_", "rad_"))
+    rng = np.random.default_rng(7)
+    table["center"] = np.where(np.arange(len(table)) % 2, "A", "B")
+    rad.loc[table["center"] == "B"] += 3.0  # a scanner shift
+    replicate = rad + rng.normal(0, 0.05, rad.shape)
+    replicate["rad_0005"] = rng.standard_normal(len(rad))  # not reproducible
+    cfg = compose_cfg("+experiment=smoke", "tuning.storage=null", "selection=robust",
+                      "selection.steps.lasso.cv=3",
+                      "+selection.steps.combat={_target_: pdl1exp.models.harmonization.ComBat}")
+    kwargs = chain(compose_cfg, feature_sets=["radiomics"], combined_signatures=[],
+                   selection=OmegaConf.to_container(cfg.selection, resolve=True),
+                   selection_inputs={"icc": {"replicates": {"a": rad, "b": replicate}},
+                                     "combat": {"batches": table["center"]}})
+    fitted = fit_feature_sets(table, {"radiomics": rad}, holdout(table, seed=7), **kwargs)
+    steps = fitted.chosen["radiomics"].model.named_steps
+    assert "rad_0005" not in steps["icc"].get_feature_names_out()
+    assert steps["icc"].icc_.set_index("feature").loc["rad_0005", "kept"] == np.False_
+    assert set(steps["combat"].batches) == {"A", "B"}
+    assert fitted.primary("radiomics").cv_auc > 0.7

@@ -25,7 +25,11 @@ from pdl1exp.features.extract import (
     extract_features,
     extractor_identity,
 )
-from pdl1exp.features.radiomics import RadiomicsExtraction, extract_radiomics
+from pdl1exp.features.radiomics import (
+    RadiomicsExtraction,
+    extract_radiomics,
+    extract_replicates,
+)
 from pdl1exp.hashing import content_key
 from pdl1exp.imaging.qc import qc_figures
 from pdl1exp.imaging.rois import roi_stage
@@ -135,6 +139,23 @@ def _radiomics(cfg: DictConfig, rois: pd.DataFrame) -> RadiomicsExtraction:
     return extraction
 
 
+def _selection_inputs(cfg: DictConfig, rois: pd.DataFrame, centers: pd.Series,
+                      train: pd.Index) -> dict[str, dict[str, Any]]:
+    """Data the selection steps need besides the features: the ICC filter's replicates
+    (radiomics of perturbed ROIs, training patients only) and ComBat's centers."""
+    steps, inputs = cfg.selection.steps, {}
+    if steps.get("icc") is not None:
+        rad = cfg.radiomics
+        replicates = extract_replicates(
+            rois.loc[train], params=rad.params, cache_dir=Path(cfg.paths.cache_dir) / "features",
+            perturbations=tuple(rad.replicates.perturbations), n_jobs=rad.n_jobs,
+            label=rad.label, shift_fraction=rad.replicates.shift_fraction)
+        inputs["icc"] = {"replicates": {k: r.table for k, r in replicates.items()}}
+    if steps.get("combat") is not None:
+        inputs["combat"] = {"batches": centers}
+    return inputs
+
+
 def _log_child(result: ModelResult, metrics: pd.DataFrame, tags: dict[str, str]) -> None:
     with tracked_run(result.name, nested=True, tags={**tags, "feature_set": result.feature_set,
                                                     "classifier": result.classifier}):
@@ -224,7 +245,9 @@ def run(cfg: DictConfig) -> float:
                  "log": list(cfg.dataset.clinical.log),
                  "clinical": _plain(cfg, "clinical"), "classifiers": _plain(cfg, "classifier"),
                  "selection": _plain(cfg, "selection"), "tuning": _plain(cfg, "tuning"),
-                 "study_prefix": cfg.name, "seed": cfg.seed}
+                 "study_prefix": cfg.name, "seed": cfg.seed,
+                 "selection_inputs": _selection_inputs(cfg, rois, table["center"],
+                                                       splits.index[splits == "train"])}
         fitted = fit_feature_sets(table, features, splits, **chain)
         ev = cfg.evaluation
         raw = fitted.primary(ev.primary)
@@ -253,6 +276,10 @@ def run(cfg: DictConfig) -> float:
         if fitted.chosen:
             first = fitted.chosen.get(primary.feature_set) or next(iter(fitted.chosen.values()))
             log_frame(selected_features(first.model), "selected_features.csv")
+        for feature_set, model in fitted.chosen.items():  # the reproducibility filter's ICCs
+            icc = getattr(model.model.named_steps.get("icc"), "icc_", None)
+            if icc is not None:
+                log_frame(icc, f"icc_{feature_set}.csv")
         write_outputs(cfg, cohort=cohort, table=table, splits=splits, fitted=fitted,
                       primary=primary, metrics=metrics, delong=delong, nested=nested,
                       versions={**tags, "data_hash": cohort.data_hash}, folder=_run_folder())

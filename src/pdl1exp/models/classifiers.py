@@ -66,7 +66,8 @@ def build_estimator(
     return instantiate(spec["estimator"], _convert_="all").set_params(**(params or {}))
 
 
-def build_pipeline(selection_cfg: Mapping[str, Any], estimator: ClassifierMixin) -> Pipeline:
+def build_pipeline(selection_cfg: Mapping[str, Any], estimator: ClassifierMixin,
+                   inputs: Mapping[str, Mapping[str, Any]] | None = None) -> Pipeline:
     """The whole model: the selection steps, then ``("classifier", estimator)``.
 
     Selection steps output DataFrames, so feature names reach the classifier.
@@ -74,6 +75,7 @@ def build_pipeline(selection_cfg: Mapping[str, Any], estimator: ClassifierMixin)
     Args:
         selection_cfg: a ``conf/selection/*.yaml`` config (``cfg.selection``).
         estimator: an unfitted classifier with ``predict_proba``.
+        inputs: runtime data of the selection steps (:func:`build_selection`).
     """
-    steps = [*build_selection(selection_cfg), ("classifier", estimator)]
+    steps = [*build_selection(selection_cfg, inputs), ("classifier", estimator)]
     return Pipeline(steps).set_output(transform="pandas")

@@ -31,7 +31,9 @@ __all__ = [
 def image_models(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.Series,
                  centers: pd.Series, *, classifiers: Mapping[str, Any],
                  selection: Mapping[str, Any], tuning: Mapping[str, Any],
-                 study_name: str) -> list[ModelResult]:
+                 study_name: str,
+                 selection_inputs: Mapping[str, Mapping[str, Any]] | None = None
+                 ) -> list[ModelResult]:
     """Sweep every classifier on one image feature set, refit each on the training split.
 
     Args:
@@ -44,11 +46,14 @@ def image_models(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.Ser
         selection: ``cfg.selection`` as a plain dict.
         tuning: ``cfg.tuning`` as a plain dict.
         study_name: Optuna study prefix (unique per data and config).
+        selection_inputs: runtime data of the selection steps (ICC replicates, ComBat
+            batches).
     """
     train = splits.index[splits == "train"]
     results: dict[str, TuningResult] = sweep(
         X.loc[train], y.loc[train].to_numpy(), classifiers=classifiers, selection_cfg=selection,
-        tuning_cfg=tuning, storage=tuning["storage"], study_name=study_name)
+        tuning_cfg=tuning, storage=tuning["storage"], study_name=study_name,
+        selection_inputs=selection_inputs)
     models = []
     for name, result in results.items():
         model = result.model  # fitted on the training split with the shared selection
@@ -120,7 +125,9 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
                      categorical: Sequence[str], log: Sequence[str],
                      clinical: Mapping[str, Any],
                      classifiers: Mapping[str, Any], selection: Mapping[str, Any],
-                     tuning: Mapping[str, Any], study_prefix: str, seed: int) -> Fitted:
+                     tuning: Mapping[str, Any], study_prefix: str, seed: int,
+                     selection_inputs: Mapping[str, Mapping[str, Any]] | None = None
+                     ) -> Fitted:
     """Fit every configured feature set on the training split.
 
     Args:
@@ -138,6 +145,8 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
         tuning: ``cfg.tuning``.
         study_prefix: Optuna study names start with it (experiment name).
         seed: CV seed of the logistic models.
+        selection_inputs: runtime data of the selection steps (ICC replicates, ComBat
+            batches).
     """
     y, centers = table["label"], table["center"]
     train = splits.index[splits == "train"]
@@ -155,7 +164,8 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
                              "tuning": {k: v for k, v in tuning.items() if k != "storage"}})
         models = image_models(feature_set, X, y, splits, centers, classifiers=classifiers,
                               selection=selection, tuning=tuning,
-                              study_name=f"{study_prefix}/{feature_set}/{study}")
+                              study_name=f"{study_prefix}/{feature_set}/{study}",
+                              selection_inputs=selection_inputs)
         fitted.models.extend(models)
         fitted.chosen[feature_set] = select_best(models)
     if "combined" in feature_sets:

@@ -39,16 +39,22 @@ class SelectionFallbackWarning(UserWarning):
     """A selection step would have kept no feature and kept the single best one instead."""
 
 
-def build_selection(cfg: Mapping[str, Any]) -> list[tuple[str, TransformerMixin]]:
+def build_selection(cfg: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]] | None = None
+                    ) -> list[tuple[str, TransformerMixin]]:
     """Instantiate the ordered ``steps`` of a selection config (``conf/selection/*.yaml``).
 
     Args:
-        cfg: mapping with ``steps``: step name -> ``{_target_: ..., params}``, in order.
+        cfg: mapping with ``steps``: step name -> ``{_target_: ..., params}``, in order (a
+            null step is a passthrough slot).
+        inputs: step name -> runtime keyword arguments that are data, not config (the ICC
+            filter's ``replicates``, ComBat's ``batches``).
 
     Returns:
         ``(name, transformer)`` pairs, ready for :class:`sklearn.pipeline.Pipeline`.
     """
-    return [(name, instantiate(step, _convert_="all")) for name, step in cfg["steps"].items()]
+    inputs = inputs or {}
+    return [(name, instantiate(step, _convert_="all", **inputs.get(name, {}))
+             if step is not None else "passthrough") for name, step in cfg["steps"].items()]
 
 
 def univariate_auc(X: np.ndarray, y: np.ndarray) -> np.ndarray:

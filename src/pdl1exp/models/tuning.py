@@ -130,6 +130,7 @@ def prepare_folds(
     *,
     selection_cfg: Mapping[str, Any],
     tuning_cfg: Mapping[str, Any],
+    selection_inputs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> SharedSelection:
     """Fit the selection steps on each stratified fold's training part and on all rows.
 
@@ -143,6 +144,7 @@ def prepare_folds(
         y: 0/1 labels.
         selection_cfg: ``cfg.selection``.
         tuning_cfg: ``cfg.tuning`` (``cv_folds``, ``random_state``).
+        selection_inputs: runtime data of the selection steps (``build_selection``).
     """
     y = _check_xy(X, y)
     splitter = StratifiedKFold(
@@ -152,7 +154,8 @@ def prepare_folds(
     fits = []
     for k, (train, _) in enumerate(tqdm(plan, desc="Feature selection", unit="fit")):
         what = f"feature selection, fold {k}" if k < len(plan) - 1 else "feature selection, all"
-        selection = Pipeline(build_selection(selection_cfg)).set_output(transform="pandas")
+        selection = Pipeline(build_selection(selection_cfg, selection_inputs)).set_output(
+            transform="pandas")
         with _counted_convergence_warnings(what):
             fits.append((selection, selection.fit_transform(X.iloc[train], y[train])))
     folds = [
@@ -239,6 +242,7 @@ def tune_classifier(
     storage: str | None,
     study_name: str,
     selection: SharedSelection | None = None,
+    selection_inputs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> TuningResult:
     """Tune one classifier by its mean stratified K-fold ROC AUC on ``X`` (training data).
 
@@ -263,11 +267,13 @@ def tune_classifier(
         study_name: unique per (data, config, classifier); the same name resumes.
         selection: from :func:`prepare_folds` on the same ``X``, ``y``, to share the selection
             fits between classifiers; computed here when omitted.
+        selection_inputs: runtime data of the selection steps (``build_selection``).
     """
     y = _check_xy(X, y)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if selection is None:
-        selection = prepare_folds(X, y, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg)
+        selection = prepare_folds(X, y, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg,
+                                  selection_inputs=selection_inputs)
     study = _open_study(storage, study_name, tuning_cfg)
 
     def objective(trial: optuna.Trial) -> float:
@@ -328,7 +334,7 @@ def tune_classifier(
         n_trials=len(complete),
         n_pruned=n_pruned,
         trials=study.trials_dataframe(),
-        best_pipeline=build_pipeline(selection_cfg, best_estimator),
+        best_pipeline=build_pipeline(selection_cfg, best_estimator, selection_inputs),
         oof_proba=pd.Series(oof, index=X.index, name=name),
         model=model,
     )
@@ -343,6 +349,7 @@ def sweep(
     tuning_cfg: Mapping[str, Any],
     storage: str | None,
     study_name: str,
+    selection_inputs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, TuningResult]:
     """Tune every classifier on the same CV folds and fit each best one on all of ``X``.
 
@@ -357,8 +364,10 @@ def sweep(
         tuning_cfg: ``cfg.tuning``.
         storage: Optuna RDB URL or ``None``.
         study_name: prefix; each classifier's study is ``<study_name>/<classifier>``.
+        selection_inputs: runtime data of the selection steps (``build_selection``).
     """
-    selection = prepare_folds(X, y, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg)
+    selection = prepare_folds(X, y, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg,
+                              selection_inputs=selection_inputs)
     return {
         name: tune_classifier(
             X,
@@ -370,6 +379,7 @@ def sweep(
             storage=storage,
             study_name=f"{study_name}/{name}",
             selection=selection,
+            selection_inputs=selection_inputs,
         )
         for name, spec in classifiers.items()
     }
