@@ -1,5 +1,8 @@
 """Load and validate a cohort manifest (CSV or Parquet) before any heavy work.
 
+(Longer than most modules: every column's validation feeds one problem list, so a user sees
+all bad rows in one error.)
+
 Every problem of every row is collected (patient, column, reason) and reported in one error,
 so a user fixes the manifest in one pass. With ``on_error="skip"`` the bad patients are
 excluded and listed instead; a patient is never dropped silently.

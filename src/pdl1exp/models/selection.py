@@ -1,4 +1,8 @@
-"""Feature selection steps (filters, LASSO) that are fitted inside each CV fold."""
+"""Feature selection steps (filters, LASSO) that are fitted inside each CV fold.
+
+One module for every selection transformer: they share the support/fallback base class and
+the sklearn estimator checks that run over all of them.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Optuna sweep of the classifiers by cross-validated ROC AUC on the training data only."""
+"""Optuna sweep of the classifiers by cross-validated ROC AUC on the training data only.
+
+Longer than most modules on purpose: the shared per-fold selection, the study storage, the
+trial objective with its pruning and budget, and the refit of each best model are one
+protocol whose parts must agree on the same folds.
+"""
 
 from __future__ import annotations
 

@@ -1,1 +1,0 @@
-"""pdl1exp: experiment-tracked deep-learning radiomics for PD-L1 status from CT."""

@@ -1,1 +1,0 @@
-"""Benchmarks behind ``make bench`` (``python -m pdl1exp.bench``)."""

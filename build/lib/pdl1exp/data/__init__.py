@@ -1,1 +1,0 @@
-"""Cohort data: manifest loading and validation, image readers, synthetic cohort, splits."""

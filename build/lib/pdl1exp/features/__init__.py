@@ -1,1 +1,0 @@
-"""Deep features: MONAI backbones, weight loading, Lightning extraction, feature cache."""

@@ -1,1 +1,0 @@
-"""Imaging: MONAI preprocessing, ROI crops, seeded segmentation, measurements, QC."""
