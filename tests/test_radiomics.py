@@ -25,7 +25,7 @@ SIZE = 32
 @pytest.fixture
 def params(compose_cfg) -> dict:
     """``conf/radiomics/ct.yaml`` on the original image with shape and first-order only."""
-    cfg = compose_cfg("+radiomics=ct")
+    cfg = compose_cfg("radiomics=ct")
     params = OmegaConf.to_container(cfg.radiomics.params, resolve=True)
     params["imageType"] = {"Original": {}}
     params["featureClass"] = {"shape": [], "firstorder": []}
@@ -67,7 +67,7 @@ def test_feature_names_are_sanitised() -> None:
 
 
 def test_wavelet_preset_adds_wavelet_to_ct(compose_cfg) -> None:
-    cfg = compose_cfg("+radiomics=ct_wavelet")
+    cfg = compose_cfg("radiomics=ct_wavelet")
     assert set(cfg.radiomics.params.imageType) == {"Original", "LoG", "Wavelet"}
     assert cfg.radiomics.params.setting.binWidth == 25
 

@@ -8,14 +8,26 @@ from typing import Any
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from scipy import ndimage
 
 from pdl1exp.data.phantom import Phantom, ScanSpec, TumourSpec, render_ct
 from pdl1exp.imaging.segmentation import SeededSegmenter, SegmentationError, segment_seeded
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "segmentation"
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _segmentation(option: str) -> DictConfig:
+    """``conf/segmentation/<option>.yaml`` as composed in the root config (interpolations
+    resolved)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"segmentation={option}"])
+    GlobalHydra.instance().clear()
+    return OmegaConf.create(OmegaConf.to_container(cfg.segmentation, resolve=True))
 SMALL = ScanSpec(shape=(96, 96, 32))
 # Large masses need a whole hemithorax; the mediastinum has its fat plane.
 CHEST = ScanSpec(shape=(160, 160, 56), spacing=(0.9, 0.9, 1.5), mediastinal_fat_mm=3.0)
@@ -47,7 +59,7 @@ HILAR_MIN_DICE = 0.75
 @pytest.fixture(scope="module")
 def params() -> dict[str, Any]:
     """The segmenter's parameters from ``conf/segmentation/seeded.yaml``."""
-    segmenter = OmegaConf.to_container(OmegaConf.load(CONF / "seeded.yaml").segmenter)
+    segmenter = OmegaConf.to_container(_segmentation("seeded").segmenter)
     segmenter.pop("_target_")
     return segmenter
 
@@ -184,12 +196,12 @@ def test_merging_with_a_thick_band_is_reported_as_a_leak(params: dict[str, Any])
 
 
 def test_config_instantiates_the_segmenter(params: dict[str, Any]) -> None:
-    seeded = OmegaConf.load(CONF / "seeded.yaml")
+    seeded = _segmentation("seeded")
     assert seeded.method == "seeded"
     segmenter = instantiate(seeded.segmenter)
     assert isinstance(segmenter, SeededSegmenter)
     assert segmenter.tumour_hu == tuple(params["tumour_hu"])
-    masks_only = OmegaConf.load(CONF / "mask.yaml")
+    masks_only = _segmentation("mask")
     assert masks_only.method == "mask"
     assert masks_only.segmenter is None
 
