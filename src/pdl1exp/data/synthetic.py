@@ -133,10 +133,7 @@ class SyntheticCohort:
         p = self.params
         log.info("Generating synthetic cohort: %d patients in %s", p["n_patients"], folder)
         rng = np.random.default_rng(p["seed"])
-        latent = LatentModel(population=p["population"], effects=p["effects"],
-                             prevalence=p["prevalence"], tps_scale=p["tps_scale"])
-        moments, ceilings, intercept = latent.summary(np.random.default_rng([p["seed"], 1]))
-        draws, labels, tps = latent.select(rng, p["n_patients"], moments, intercept)
+        moments, ceilings, intercept, draws, labels, tps = self._latent(rng)
         patients = self._patients(rng, draws, labels, tps)
         jobs = [(staging, patient) for patient in patients]
         rows = []
@@ -149,11 +146,11 @@ class SyntheticCohort:
                 bar.update()
         manifest = pd.DataFrame(rows)
         manifest.to_csv(staging / "manifest.csv", index=False)
-        oracle = {
-            "image": rank_auc(labels, eta(draws, moments, p["effects"], "image")),
-            "clinical": rank_auc(labels, eta(draws, moments, p["effects"], "clinical")),
-            "combined": rank_auc(labels, eta(draws, moments, p["effects"], "all")),
-        }
+        scores = self._oracle_scores(draws, moments)
+        # Ground truth for checks on any subset of patients, never used for training.
+        (staging / "truth").mkdir(exist_ok=True)
+        scores.to_csv(staging / "truth" / "oracle.csv")
+        oracle = {part: rank_auc(labels, scores[part].to_numpy()) for part in scores}
         metadata = {
             "params": p, "key": self.key, "bayes_auc": ceilings, "cohort_oracle_auc": oracle,
             "intercept": intercept, "n_positive": int(labels.sum()),
@@ -165,6 +162,31 @@ class SyntheticCohort:
         else:
             staging.rename(folder)
         return folder / "manifest.csv"
+
+    def _latent(self, rng: np.random.Generator) -> tuple[dict, dict, float, Draws, np.ndarray,
+                                                          np.ndarray]:
+        """Moments, ceilings and intercept of the population, then the cohort's draws, labels
+        and TPS (``rng`` is the cohort's generator, advanced past the draws)."""
+        p = self.params
+        latent = LatentModel(population=p["population"], effects=p["effects"],
+                             prevalence=p["prevalence"], tps_scale=p["tps_scale"])
+        moments, ceilings, intercept = latent.summary(np.random.default_rng([p["seed"], 1]))
+        return (moments, ceilings, intercept,
+                *latent.select(rng, p["n_patients"], moments, intercept))
+
+    def _oracle_scores(self, draws: Draws, moments: dict) -> pd.DataFrame:
+        effects = self.params["effects"]
+        index = pd.Index([f"SYN{i + 1:04d}" for i in range(len(draws.size))], name="patient_id")
+        return pd.DataFrame({"image": eta(draws, moments, effects, "image"),
+                             "clinical": eta(draws, moments, effects, "clinical"),
+                             "combined": eta(draws, moments, effects, "all")}, index=index)
+
+    def oracle(self) -> pd.DataFrame:
+        """Each patient's Bayes-optimal scores (linear predictors of the image, clinical and
+        all information; index patient_id), replayed from the seed without rendering: the
+        ceiling on any subset of patients, e.g. a run's test split."""
+        moments, _, _, draws, _, _ = self._latent(np.random.default_rng(self.params["seed"]))
+        return self._oracle_scores(draws, moments)
 
     def _patients(self, rng: np.random.Generator, d: Draws, labels: np.ndarray,
                   tps: np.ndarray) -> list[dict[str, Any]]:
