@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from sklearn.metrics import roc_auc_score
 
 from pdl1exp.data.manifest import load_cohort
 from pdl1exp.data.phantom import HU, ScanSpec, TumourSpec, render_ct
@@ -75,3 +76,15 @@ def test_bad_generator_parameters(compose_cfg, tmp_path: Path) -> None:
         _generator(cfg, tmp_path, prevalence=1.2)
     with pytest.raises(InstantiationException, match="unknown format"):
         _generator(cfg, tmp_path, formats={"png": 1.0})
+
+
+def test_oracle_scores_replay_the_written_truth(compose_cfg, tmp_path: Path) -> None:
+    generator = _generator(compose_cfg(), tmp_path, n_patients=8)
+    folder = generator.write().parent
+    written = pd.read_csv(folder / "truth" / "oracle.csv", index_col="patient_id")
+    replayed = generator.oracle()
+    pd.testing.assert_frame_equal(replayed, written, check_exact=False, rtol=1e-12)
+    metadata = json.loads((folder / "metadata.json").read_text())
+    labels = (pd.read_csv(folder / "manifest.csv", index_col="patient_id")["pdl1_tps"] >= 1)
+    auc = roc_auc_score(labels.loc[replayed.index], replayed["combined"])
+    assert auc == pytest.approx(metadata["cohort_oracle_auc"]["combined"])
