@@ -131,7 +131,7 @@ def feature_key(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictConfig,
     arch = OmegaConf.to_container(backbone, resolve=True)
     return content_key({
         **({"finetune": finetune} if finetune else {}),
-        # A table without seeds (masks only) reads like one whose seeds are all missing.
+        # A table without a seed column (masks only) keys with NaN seeds.
         "patients": rois.reindex(columns=["image_sha", "mask_key", "seed"]).sort_index()
         .to_dict("index"),
         "preprocess": OmegaConf.to_container(preprocess, resolve=True),
