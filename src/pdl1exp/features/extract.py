@@ -78,7 +78,10 @@ class Extraction:
             ``+finetuned:<sha12>`` after fine-tuning.
         precision: the precision the forward pass used (or would have used).
         patients_per_s: throughput of the forward pass (0 on a cache hit).
-        finetune: the fine-tuning summary (None without fine-tuning).
+        finetune: None without fine-tuning; else the cross-fitting summary of
+            :func:`pdl1exp.features.finetune.crossfit_finetune` (``folds``, ``networks`` with
+            each network's ``curves``, ``checkpoint``...) plus ``alignment``
+            (:func:`pdl1exp.features.finetune.embedding_alignment`): log it as finetune.json.
     """
 
     table: pd.DataFrame
