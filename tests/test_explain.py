@@ -17,12 +17,14 @@ from sklearn.preprocessing import StandardScaler
 from pdl1exp.data.manifest import load_cohort
 from pdl1exp.features.backbones import build_backbone
 from pdl1exp.features.explain import (
+    LinearHead,
     LinearScore,
     gradcam_maps,
     gradcam_overlays,
     heat_mass_inside,
     linear_head,
 )
+from pdl1exp.features.extractor import DeepFeatureExtractor
 from pdl1exp.features.weights import NEUTRAL_MEAN, NEUTRAL_STD, load_weights
 from pdl1exp.models.selection import LassoSelector
 
@@ -46,17 +48,18 @@ def _blob_score(seed: int, size: int, centre: tuple[int, int]) -> tuple[LinearSc
     rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     image = blank.clone()
     image[:, :, (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= (size // 10) ** 2] = 1.0
-    model = LinearScore(net, weight=torch.zeros(net.embedding_dim), mean=NEUTRAL_MEAN,
-                        std=NEUTRAL_STD).eval()
+    encoder = DeepFeatureExtractor(net, mean=NEUTRAL_MEAN, std=NEUTRAL_STD, channels_last=False)
     with torch.no_grad():
-        model.head.weight.copy_(model.encoder(image) - model.encoder(blank))
-    return model, image
+        weight = (encoder(image) - encoder(blank))[0]
+    return LinearScore(net, weight=weight, mean=NEUTRAL_MEAN, std=NEUTRAL_STD).eval(), image
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_heat_concentrates_on_the_blob_the_head_responds_to(seed: int) -> None:
     size = 64
     model, image = _blob_score(seed, size, centre=(48, 16))
+    with torch.no_grad():
+        assert model(image)[0, 0] > 0  # the image argues for "positive": the map explains it
     heat = gradcam_maps(model, image, target_layer="layer2")[0]
     assert heat.shape == (size, size)
     assert (heat >= 0).all()
@@ -96,20 +99,23 @@ def test_linear_head_is_the_exact_logit_of_a_linear_classifier() -> None:
     X, y = _data()
     model = _pipeline(LogisticRegression()).fit(X, y)
     head = linear_head(model)
-    assert head.name == "classifier"
-    assert list(head.index) == list(model["lasso"].selected_features_)
-    offset = model.decision_function(X) - X[head.index].to_numpy() @ head.to_numpy()
-    np.testing.assert_allclose(offset, offset[0], atol=1e-9)  # logit = w·x + constant
+    assert head.source == "classifier"
+    assert list(head.weights.index) == list(model["lasso"].selected_features_)
+    score = X[head.weights.index].to_numpy() @ head.weights.to_numpy() - head.offset
+    intercept = model.decision_function(X) - score
+    np.testing.assert_allclose(intercept, model["classifier"].intercept_[0], atol=1e-9)
+    assert abs(score.mean()) < 1e-9  # centred on the average training patient
 
 
 def test_linear_head_falls_back_to_the_lasso_surrogate() -> None:
     X, y = _data()
     model = _pipeline(RandomForestClassifier(n_estimators=5, random_state=0)).fit(X, y)
     head = linear_head(model)
-    assert head.name == "lasso"
+    assert head.source == "lasso"
     lasso, scale = model["lasso"], model["scale"]
     sd = pd.Series(scale.scale_, index=scale.feature_names_in_)
-    np.testing.assert_allclose(head.to_numpy(), lasso.coef_ / sd[head.index].to_numpy())
+    np.testing.assert_allclose(head.weights.to_numpy(),
+                               lasso.coef_ / sd[head.weights.index].to_numpy())
     no_lasso = Pipeline([("scale", StandardScaler()),
                          ("classifier", RandomForestClassifier(n_estimators=5))]).fit(X, y)
     with pytest.raises(ValueError, match="not linear"):
@@ -124,8 +130,9 @@ def test_overlays_are_written_with_pseudonyms_and_heat_fractions(
         compose_cfg, rois, tmp_path: Path, overrides: list[str]) -> None:
     cfg = compose_cfg(*overrides, "backbone.weights=random")
     rng = np.random.default_rng(0)
-    head = pd.Series(rng.normal(size=8), index=[f"dl_{i:04d}" for i in range(0, 80, 10)],
-                     name="lasso")
+    head = LinearHead(weights=pd.Series(rng.normal(size=8),
+                                        index=[f"dl_{i:04d}" for i in range(0, 80, 10)]),
+                      offset=0.0, source="lasso")
     alias = {pid: f"anon{k}" for k, pid in enumerate(rois.index)}
     result = gradcam_overlays(rois, preprocess=cfg.preprocess, roi=cfg.roi,
                               backbone=cfg.backbone, seed=0, head=head, n=3,
@@ -136,7 +143,10 @@ def test_overlays_are_written_with_pseudonyms_and_heat_fractions(
     for path in result.path:
         with Image.open(path) as png:
             assert png.size[0] > 100
-    assert result.heat_mass_inside.between(0.0, 1.0).all()
+    assert result.heat_mass_inside.notna().any()
+    assert result.heat_mass_inside.dropna().between(0.0, 1.0).all()
+    assert set(result.explains) <= {"positive", "negative"}
+    assert ((result.score >= 0) == (result.explains == "positive")).all()
     assert result.area_inside.between(0.0, 1.0).all()
     assert (result.source == "lasso").all()
     every = gradcam_overlays(rois, preprocess=cfg.preprocess, roi=cfg.roi,

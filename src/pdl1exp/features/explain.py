@@ -1,12 +1,15 @@
 """Grad-CAM of the deep-feature backbone under the DLR model's linear score (overlay PNGs).
 
 The DLR model is an sklearn pipeline (impute → scale → filters → LASSO → classifier) on pooled
-embeddings, not a network, so what Grad-CAM differentiates is a linear score of the embedding,
-``score = sum_j w_j * emb_j`` (:func:`linear_head`): the logit of the classifier when it is
-linear in the selected features (logistic regression: exact), else the LASSO step's logit, a
-linear surrogate of the classifier. Both are ``sum_j coef_j * (emb_j - mean_j) / sd_j`` with
-the scaler's mean and sd; the centring only shifts the score, so ``w_j = coef_j / sd_j``.
-Imputation does not change the gradient and the filters only drop columns.
+embeddings, not a network, so what Grad-CAM differentiates is a linear score of the embedding
+(:func:`linear_head`): the logit of the classifier when it is linear in the selected features
+(logistic regression: exact up to its intercept), else the LASSO step's logit, a linear
+surrogate of the classifier. Both are ``score = sum_j coef_j * (emb_j - mean_j) / sd_j`` with
+the scaler's training mean and sd, i.e. ``w . emb - offset`` with ``w_j = coef_j / sd_j``:
+centred on the average training patient, so its sign says which class this image argues for.
+Imputation does not change the gradient and the filters only drop columns. Grad-CAM keeps
+positive evidence only (a ReLU), so each patient's map explains the class its image argues for:
+the head outputs ``(score, -score)`` and MONAI's ``GradCAM`` explains the larger.
 
 The heat map is MONAI's ``GradCAM`` (ReLU of the gradient-weighted activations of a target
 layer, upsampled to the crop) without its default min-max normaliser, which would invert it
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,7 @@ from pdl1exp.features.weights import input_normalisation
 from pdl1exp.imaging.crop import TumourROId
 
 __all__ = [
+    "LinearHead",
     "LinearScore",
     "default_target_layer",
     "gradcam_maps",
@@ -57,8 +62,23 @@ _ENCODER = "encoder.backbone."
 _HEAT_ALPHA = 0.6  # opacity of the hottest pixel
 
 
-def linear_head(model: Pipeline) -> pd.Series:
-    """Weights ``w_j`` of the model's linear score on the raw input features.
+@dataclass(frozen=True)
+class LinearHead:
+    """The score ``weights . x - offset`` on raw features (module docstring).
+
+    Args:
+        weights: ``coef_j / sd_j`` per input feature name.
+        offset: ``weights . (training mean)``: the score of the average training patient is 0.
+        source: ``classifier`` (the classifier's logit) or ``lasso`` (the surrogate).
+    """
+
+    weights: pd.Series
+    offset: float
+    source: str
+
+
+def linear_head(model: Pipeline) -> LinearHead:
+    """The linear score of a fitted DLR model on its raw input features.
 
     Args:
         model: a fitted selection + classifier pipeline with a ``StandardScaler``-like step
@@ -66,8 +86,7 @@ def linear_head(model: Pipeline) -> pd.Series:
             in the selected columns, a LASSO step (``selected_features_``, ``coef_``).
 
     Returns:
-        ``coef_j / sd_j`` indexed by input feature name, its ``name`` the source:
-        ``classifier`` (exact logit) or ``lasso`` (surrogate).
+        The weights, offset and source (``classifier``: exact logit, ``lasso``: surrogate).
     """
     steps = [step for _, step in model.steps]
     scaler = next((s for s in steps if hasattr(s, "scale_") and hasattr(s, "mean_")), None)
@@ -91,30 +110,34 @@ def linear_head(model: Pipeline) -> pd.Series:
         msg = (f"every {source} coefficient is zero (LASSO kept no feature): the score does not "
                "depend on the image, nothing to explain")
         raise ValueError(msg)
-    scale = pd.Series(scaler.scale_, index=scaler.feature_names_in_)
-    return (weights / scale.loc[weights.index]).rename(source)
+    scale = pd.Series(scaler.scale_, index=scaler.feature_names_in_).loc[weights.index]
+    mean = pd.Series(scaler.mean_, index=scaler.feature_names_in_).loc[weights.index]
+    raw = weights / scale
+    return LinearHead(weights=raw, offset=float(raw @ mean), source=source)
 
 
 class LinearScore(torch.nn.Module):
-    """Backbone (with its input normalisation) and a bias-free linear head: the score.
+    """Backbone (with its input normalisation) and a linear head: ``(score, -score)``.
 
     Args:
         backbone: a network returning ``(B, D)`` embeddings.
         weight: ``(D,)`` head weights.
         mean: per-channel input mean of the weights (inputs arrive in [0, 1]).
         std: per-channel input standard deviation.
+        offset: subtracted from the score.
     """
 
     def __init__(self, backbone: torch.nn.Module, *, weight: torch.Tensor,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+                 mean: Sequence[float], std: Sequence[float], offset: float = 0.0) -> None:
         super().__init__()
         self.encoder = DeepFeatureExtractor(backbone, mean=mean, std=std, channels_last=False)
-        self.head = torch.nn.Linear(weight.numel(), 1, bias=False)
+        self.head = torch.nn.Linear(weight.numel(), 2)
         with torch.no_grad():
-            self.head.weight.copy_(weight.reshape(1, -1))
+            self.head.weight.copy_(torch.stack([weight.reshape(-1), -weight.reshape(-1)]))
+            self.head.bias.copy_(torch.tensor([-offset, offset]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 1)`` scores of a batch ``(B, C, *spatial)``."""
+        """``(B, 2)``: the score (evidence for positive) and its negative."""
         return self.head(self.encoder(x))
 
 
@@ -129,7 +152,8 @@ def default_target_layer(net: torch.nn.Module) -> str:
 
 
 def gradcam_maps(model: LinearScore, x: torch.Tensor, *, target_layer: str) -> np.ndarray:
-    """Grad-CAM heat maps ``(B, *spatial)`` of ``model``'s score, non-negative, unnormalised.
+    """Grad-CAM heat maps ``(B, *spatial)``, non-negative, unnormalised, of the class each
+    image argues for (the larger output of ``model``).
 
     Args:
         model: the score to explain.
@@ -139,7 +163,7 @@ def gradcam_maps(model: LinearScore, x: torch.Tensor, *, target_layer: str) -> n
     cam = GradCAM(nn_module=model, target_layers=_ENCODER + target_layer,
                   postprocessing=torch.nn.Identity())
     with torch.enable_grad():
-        heat = cam(x.float(), class_idx=0)
+        heat = cam(x.float())
     return heat[:, 0].detach().cpu().numpy()
 
 
@@ -154,8 +178,7 @@ def _crops(item: dict[str, Any], pre: Compose, roi: TumourROId, *,
     """The ROI crop, and the tumour mask and dilated mask cut exactly like it."""
     d = pre(dict(item))
     mask = d["mask"].float()
-    dilated = MetaTensor(dilate(mask[None], filter_size=filter_size)[0], meta=mask.meta,
-                         affine=mask.affine)
+    dilated = MetaTensor(dilate(mask[None], filter_size=filter_size)[0], meta=mask.meta)
 
     def cut(image: torch.Tensor) -> torch.Tensor:
         out = roi({**d, "image": image, "seed": item.get("seed")})["image"]
@@ -192,7 +215,7 @@ def _overlay(path: Path, ct: np.ndarray, heat: np.ndarray, mask: np.ndarray,
 
 
 def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictConfig,
-                     backbone: DictConfig, seed: int, head: pd.Series, n: int,
+                     backbone: DictConfig, seed: int, head: LinearHead, n: int,
                      out_dir: str | Path, name: Callable[[str], str] = str,
                      finetune: dict[str, Any] | None = None, target_layer: str | None = None,
                      dpi: int = 100) -> pd.DataFrame:
@@ -208,7 +231,8 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
         roi: the ``roi`` config.
         backbone: the ``backbone`` config.
         seed: seed of random weights, and of the sample.
-        head: score weights per deep feature (:func:`linear_head` of the DLR model).
+        head: the DLR model's linear score (:func:`linear_head`); only its deep features
+            (``dl_*``) are explained.
         n: patients to explain (``evaluation.gradcam_n``); all of them when fewer.
         out_dir: folder of the PNGs (created).
         name: patient_id → file stem and title (a pseudonym for shared reports).
@@ -220,17 +244,18 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
         One row per overlay (index: its name): ``path``, ``heat_mass_inside`` (fraction of
         the heat map's mass inside the tumour mask dilated by ``roi.mask_dilation_mm``) and
         ``area_inside`` (that region's share of the crop: the fraction a uniform map would
-        get), ``score`` (the linear score), ``source`` (``head.name``).
+        get), ``score`` (the centred score: > 0 argues for the positive class),
+        ``explains`` (``positive`` or ``negative``: the class the map explains), ``source``.
     """
     net, tag = build_network(backbone=backbone, roi=roi, seed=seed)
     if finetune:
         load_finetuned(net, finetune)
-    deep = head[head.index.str.startswith(DEEP_PREFIX)]
+    deep = head.weights[head.weights.index.str.startswith(DEEP_PREFIX)]
     weight = torch.zeros(net.embedding_dim)
     weight[[int(c.removeprefix(DEEP_PREFIX)) for c in deep.index]] = torch.tensor(
         deep.to_numpy(), dtype=torch.float32)
     mean, std = input_normalisation(tag, arch=backbone.arch)
-    model = LinearScore(net, weight=weight, mean=mean, std=std).eval()
+    model = LinearScore(net, weight=weight, mean=mean, std=std, offset=head.offset).eval()
     layer = target_layer or default_target_layer(net)
     steps = roi_transform(preprocess=preprocess, roi=roi).flatten().transforms
     cut = next(i for i, step in enumerate(steps) if isinstance(step, TumourROId))
@@ -257,8 +282,10 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
         title = f"{stem}: {inside:.0%} of the heat in the tumour + {crop.mask_dilation_mm:g} mm"
         path = _overlay(folder / f"{stem}.png", *views, title=title, dpi=dpi)
         rows.append({"name": stem, "path": str(path), "heat_mass_inside": inside,
-                     "area_inside": float(dilated.mean()), "score": score, "source": head.name})
+                     "area_inside": float(dilated.mean()), "score": score,
+                     "explains": "positive" if score >= 0 else "negative",
+                     "source": head.source})
     log.info("Grad-CAM (%s, %s score) of %d patients: median %.0f%% of the heat in the tumour",
-             layer, head.name, len(rows),
+             layer, head.source, len(rows),
              100 * np.nanmedian([r["heat_mass_inside"] for r in rows]))
     return pd.DataFrame(rows).set_index("name")
