@@ -139,6 +139,15 @@ def test_every_key_component_invalidates(compose_cfg, rois,
     assert len({key, *variants}) == len(variants) + 1
 
 
+def test_a_table_without_seeds_has_a_key(compose_cfg, rois) -> None:
+    cfg = compose_cfg(*SMALL)
+    base = {"preprocess": cfg.preprocess, "roi": cfg.roi, "backbone": cfg.backbone,
+            "weights_tag": "random:0", "precision": "32-true", "tta_views": 1}
+    assert "seed" not in rois
+    key = feature_key(rois, **base)
+    assert key != feature_key(rois.assign(seed=[(1.0, 2.0, 3.0)] * len(rois)), **base)
+
+
 def test_partial_cache_file_is_never_read(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path)
     table = pd.DataFrame({"dl_0000": [1.0, 2.0]}, index=pd.Index(["a", "b"], name="patient_id"))

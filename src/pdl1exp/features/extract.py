@@ -7,6 +7,7 @@ import logging
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from monai.transforms import Compose
 from omegaconf import DictConfig, OmegaConf
 
 from pdl1exp.features.backbones import build_backbone
@@ -26,7 +28,15 @@ from pdl1exp.features.extractor import (
     RankWriter,
     ROIDataModule,
 )
-from pdl1exp.features.finetune import finetune_backbone, finetune_spec, finetuned_tag, read_summary
+from pdl1exp.features.finetune import (
+    FULL,
+    crossfit_finetune,
+    embedding_alignment,
+    finetune_spec,
+    finetuned_tag,
+    read_summary,
+    write_summary,
+)
 from pdl1exp.features.weights import input_normalisation, load_weights
 from pdl1exp.hashing import content_key
 from pdl1exp.imaging.preprocess import build_transforms
@@ -35,11 +45,13 @@ __all__ = [
     "DEEP_PREFIX",
     "ROI_DESCRIPTORS",
     "Extraction",
+    "build_network",
     "extract_features",
     "extractor_code_version",
     "extractor_identity",
     "feature_key",
     "resolve_precision",
+    "roi_transform",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,7 +78,10 @@ class Extraction:
             ``+finetuned:<sha12>`` after fine-tuning.
         precision: the precision the forward pass used (or would have used).
         patients_per_s: throughput of the forward pass (0 on a cache hit).
-        finetune: the fine-tuning summary (None without fine-tuning).
+        finetune: None without fine-tuning; else the cross-fitting summary of
+            :func:`pdl1exp.features.finetune.crossfit_finetune` (``folds``, ``networks`` with
+            each network's ``curves``, ``checkpoint``...) plus ``alignment``
+            (:func:`pdl1exp.features.finetune.embedding_alignment`): log it as finetune.json.
     """
 
     table: pd.DataFrame
@@ -119,7 +134,9 @@ def feature_key(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictConfig,
     arch = OmegaConf.to_container(backbone, resolve=True)
     return content_key({
         **({"finetune": finetune} if finetune else {}),
-        "patients": rois[["image_sha", "mask_key", "seed"]].sort_index().to_dict("index"),
+        # A table without a seed column (masks only) keys with NaN seeds.
+        "patients": rois.reindex(columns=["image_sha", "mask_key", "seed"]).sort_index()
+        .to_dict("index"),
         "preprocess": OmegaConf.to_container(preprocess, resolve=True),
         "roi": OmegaConf.to_container(roi, resolve=True),
         "backbone": {k: arch[k] for k in ("arch", "spatial_dims", "multi_stage", "input_size")},
@@ -161,14 +178,63 @@ def _items(rois: pd.DataFrame) -> list[dict[str, Any]]:
              "seed": row.get("seed")} for pid, row in rois.iterrows()]
 
 
+def build_network(*, backbone: DictConfig, roi: DictConfig,
+                  seed: int) -> tuple[torch.nn.Module, str]:
+    """The configured backbone with its weights loaded, and the weights tag.
+
+    Args:
+        backbone: the ``backbone`` config.
+        roi: the ``roi`` config (its ``channels`` are the input channels).
+        seed: seed of random weights.
+    """
+    net = build_backbone(name=backbone.arch, spatial_dims=backbone.spatial_dims,
+                         in_channels=roi.channels, multi_stage=backbone.multi_stage)
+    tag = load_weights(net, weights=str(backbone.weights), seed=seed, arch=backbone.arch,
+                       hub_dir=backbone.hub_dir, allow_download=backbone.allow_download)
+    return net, tag
+
+
+def roi_transform(*, preprocess: DictConfig, roi: DictConfig) -> Compose:
+    """The preprocessing chain of the configs, ending in the ROI crop."""
+    return build_transforms(spacing_mm=preprocess.spacing_mm, axcodes=preprocess.axcodes,
+                            window_width=preprocess.window_width,
+                            window_level=preprocess.window_level, roi=instantiate(roi))
+
+
+def _embed(net: torch.nn.Module, items: list[dict[str, Any]], transform: Compose, *,
+           backbone: DictConfig, mean: Sequence[float], std: Sequence[float], precision: str,
+           tta_views: int, devices: str | int) -> pd.DataFrame:
+    """Embeddings of ``items`` by ``net`` (Lightning predict), one row per patient."""
+    module = DeepFeatureExtractor(net, mean=mean, std=std,
+                                  channels_last=backbone.channels_last, tta_views=tta_views)
+    data = ROIDataModule(items, transform, batch_size=backbone.batch_size,
+                         num_workers=backbone.num_workers)
+    progress = PatientProgress(len(items))
+    if devices in (1, "1"):
+        trainer = pl.Trainer(accelerator="auto", devices=1, precision=precision, logger=False,
+                             enable_checkpointing=False, enable_model_summary=False,
+                             enable_progress_bar=False, callbacks=[progress],
+                             inference_mode=True)
+        batches = trainer.predict(module, datamodule=data)
+    else:
+        batches = _predict_distributed(module, data, devices=devices, precision=precision,
+                                       progress=progress)
+    ids, features = _merge(batches)
+    return pd.DataFrame(features, index=pd.Index(ids, name="patient_id"),
+                        columns=[f"{DEEP_PREFIX}{i:04d}" for i in range(features.shape[1])])
+
+
 def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictConfig,
                      backbone: DictConfig, seed: int, cache_dir: str | Path,
                      devices: str | int | None = None,
-                     train_labels: pd.Series | None = None) -> Extraction:
+                     train_labels: pd.Series | None = None,
+                     folds: pd.Series | None = None) -> Extraction:
     """Embed every patient's ROI, or read the embeddings from the cache.
 
-    With ``backbone.finetune.enabled`` the backbone is first fine-tuned on the patients of
-    ``train_labels`` only (never pass test or external patients there).
+    With ``backbone.finetune.enabled`` the features are cross-fitted
+    (:mod:`pdl1exp.features.finetune`): the training patients of fold k are embedded by a
+    network fine-tuned on the other folds' patients, every other patient by a network
+    fine-tuned on all of ``train_labels`` (never pass test or external patients there).
 
     Args:
         rois: index patient_id; columns ``image``, ``mask`` (paths), ``image_sha``,
@@ -181,14 +247,13 @@ def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
         devices: Lightning devices; None takes ``backbone.devices``.
         train_labels: 0/1 labels of the training patients (index patient_id); required
             when fine-tuning.
+        folds: the downstream CV fold of each training patient, from
+            :func:`pdl1exp.features.finetune.training_folds`; required when fine-tuning.
     """
-    net = build_backbone(name=backbone.arch, spatial_dims=backbone.spatial_dims,
-                         in_channels=roi.channels, multi_stage=backbone.multi_stage)
-    tag = load_weights(net, weights=str(backbone.weights), seed=seed, arch=backbone.arch,
-                       hub_dir=backbone.hub_dir, allow_download=backbone.allow_download)
+    net, tag = build_network(backbone=backbone, roi=roi, seed=seed)
     precision = resolve_precision(str(backbone.precision))
     tta_views = int(backbone.tta.n) if backbone.tta.enabled else 1
-    spec = finetune_spec(backbone.finetune, train_labels=train_labels, seed=seed,
+    spec = finetune_spec(backbone.finetune, train_labels=train_labels, folds=folds, seed=seed,
                          patients=rois.index)
     key = feature_key(rois, preprocess=preprocess, roi=roi, backbone=backbone,
                       weights_tag=tag, precision=precision, tta_views=tta_views, finetune=spec)
@@ -200,39 +265,38 @@ def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
         log.info("Feature cache hit %s (%d patients, %d features)", key, *cached.shape)
         return Extraction(cached, True, key, finetuned_tag(tag, tuned), precision, 0.0, tuned)
 
-    transform = build_transforms(spacing_mm=preprocess.spacing_mm, axcodes=preprocess.axcodes,
-                                 window_width=preprocess.window_width,
-                                 window_level=preprocess.window_level, roi=instantiate(roi))
+    transform = roi_transform(preprocess=preprocess, roi=roi)
     mean, std = input_normalisation(tag, arch=backbone.arch)
-    if spec:
-        net, tuned = finetune_backbone(
-            net, items_train=_items(rois.loc[train_labels.index]),
-            labels=train_labels.to_numpy(), transform=transform, cfg_finetune=backbone.finetune,
-            seed=seed, checkpoint_dir=tuned_dir, mean=mean, std=std, precision=precision,
-            num_workers=backbone.num_workers, channels_last=backbone.channels_last)
-        tag = finetuned_tag(tag, tuned)
-    module = DeepFeatureExtractor(net, mean=mean, std=std,
-                                  channels_last=backbone.channels_last, tta_views=tta_views)
-    data = ROIDataModule(_items(rois), transform, batch_size=backbone.batch_size,
-                         num_workers=backbone.num_workers)
-    n_devices = backbone.devices if devices is None else devices
+    items = {item["patient_id"]: item for item in _items(rois)}
+    embed = {"backbone": backbone, "mean": mean, "std": std, "precision": precision,
+             "tta_views": tta_views,
+             "devices": backbone.devices if devices is None else devices}
     log.info("Extracting %s features (%s, %s) for %d patients", backbone.name, tag, precision,
              len(rois))
-    progress = PatientProgress(len(rois))
     start = time.perf_counter()
-    if n_devices in (1, "1"):
-        trainer = pl.Trainer(accelerator="auto", devices=1, precision=precision, logger=False,
-                             enable_checkpointing=False, enable_model_summary=False,
-                             enable_progress_bar=False, callbacks=[progress],
-                             inference_mode=True)
-        batches = trainer.predict(module, datamodule=data)
+    if spec:
+        networks, tuned = crossfit_finetune(
+            net, items=items, labels=train_labels, folds=folds, checkpoint_dir=tuned_dir,
+            transform=transform, cfg_finetune=backbone.finetune, seed=seed, mean=mean, std=std,
+            precision=precision, num_workers=backbone.num_workers,
+            channels_last=backbone.channels_last)
+        start = time.perf_counter()
+        parts = {n.name: _embed(n.net, [items[p] for p in n.patients], transform, **embed)
+                 for n in networks}
+        n_embedded = sum(len(n.patients) for n in networks)
+        full = parts.pop(FULL)
+        oof = pd.concat(parts.values())
+        features = pd.concat([oof, full.drop(oof.index)])
+        tuned["alignment"] = embedding_alignment(oof, full)
+        write_summary(tuned_dir, tuned)
+        tag = finetuned_tag(tag, tuned)
+        log.info("Cross-fitted features: fold networks vs full network, median per-feature "
+                 "r = %.3f", tuned["alignment"]["median_r"])
     else:
-        batches = _predict_distributed(module, data, devices=n_devices, precision=precision,
-                                       progress=progress)
-    patients_per_s = len(rois) / (time.perf_counter() - start)
-    ids, features = _merge(batches)
-    table = pd.DataFrame(features, index=pd.Index(ids, name="patient_id"),
-                         columns=[f"{DEEP_PREFIX}{i:04d}" for i in range(features.shape[1])])
+        features = _embed(net, list(items.values()), transform, **embed)
+        n_embedded = len(features)
+    patients_per_s = n_embedded / (time.perf_counter() - start)
+    table = features.loc[rois.index]
     # ROI descriptors ride along (useful covariates); models read the deep columns only.
     table = table.join(rois[[c for c in ROI_DESCRIPTORS if c in rois.columns]])
     cache.put(key, table)

@@ -1,0 +1,158 @@
+"""Grad-CAM of the backbone under the DLR model's linear score: maps, overlays, heat mass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from pdl1exp.data.manifest import load_cohort
+from pdl1exp.features.backbones import build_backbone
+from pdl1exp.features.explain import (
+    LinearHead,
+    LinearScore,
+    gradcam_maps,
+    gradcam_overlays,
+    heat_mass_inside,
+    linear_head,
+)
+from pdl1exp.features.extractor import DeepFeatureExtractor
+from pdl1exp.features.weights import NEUTRAL_MEAN, NEUTRAL_STD, load_weights
+from pdl1exp.models.selection import LassoSelector
+
+
+@pytest.fixture(scope="module")
+def rois(tiny_cohort: Path) -> pd.DataFrame:
+    table = load_cohort(tiny_cohort).table
+    table = table[table["mask"].notna()].head(4)
+    return table[["image", "mask", "image_sha"]].assign(mask_key=table["mask_sha"])
+
+
+def _blob_score(seed: int, size: int, centre: tuple[int, int]) -> tuple[LinearScore, torch.Tensor]:
+    """A random ResNet18 and a head that responds to a bright disk at ``centre``.
+
+    The background sits at the input mean, so it normalises to zero, like the convolutions'
+    zero padding: the network's activations there are zero, and only the disk can draw heat.
+    """
+    net = build_backbone(name="resnet18", spatial_dims=2, in_channels=3)
+    load_weights(net, weights="random", seed=seed, arch="resnet18")
+    blank = torch.full((1, 3, size, size), NEUTRAL_MEAN[0])
+    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    image = blank.clone()
+    image[:, :, (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= (size // 10) ** 2] = 1.0
+    encoder = DeepFeatureExtractor(net, mean=NEUTRAL_MEAN, std=NEUTRAL_STD, channels_last=False)
+    with torch.no_grad():
+        weight = (encoder(image) - encoder(blank))[0]
+    return LinearScore(net, weight=weight, mean=NEUTRAL_MEAN, std=NEUTRAL_STD).eval(), image
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_heat_concentrates_on_the_blob_the_head_responds_to(seed: int) -> None:
+    size = 64
+    model, image = _blob_score(seed, size, centre=(48, 16))
+    with torch.no_grad():
+        assert model(image)[0, 0] > 0  # the image argues for "positive": the map explains it
+    heat = gradcam_maps(model, image, target_layer="layer2")[0]
+    assert heat.shape == (size, size)
+    assert (heat >= 0).all()
+    quadrants = np.zeros((2, 2, size, size), dtype=bool)
+    for i in range(2):
+        for j in range(2):
+            quadrants[i, j, i * 32:(i + 1) * 32, j * 32:(j + 1) * 32] = True
+    mass = np.array([[heat_mass_inside(heat, quadrants[i, j]) for j in range(2)]
+                     for i in range(2)])
+    assert mass.sum() == pytest.approx(1.0)
+    assert mass[1, 0] > 0.5  # the blob's quadrant; a uniform map gives 0.25
+    assert mass[1, 0] > 2 * max(mass[0, 0], mass[0, 1], mass[1, 1])  # not transposed/flipped
+
+
+def test_heat_mass_inside() -> None:
+    heat = np.array([[0.0, 1.0], [3.0, 0.0]])
+    assert heat_mass_inside(heat, heat > 2) == pytest.approx(0.75)
+    assert np.isnan(heat_mass_inside(np.zeros((2, 2)), heat > 2))
+
+
+def _data(n: int = 60) -> tuple[pd.DataFrame, np.ndarray]:
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.normal(size=(n, 6)) * [1, 2, 3, 4, 5, 6] + 10,
+                     columns=[f"dl_{i:04d}" for i in range(6)])
+    signal = (X["dl_0001"] - 10) / 2 - (X["dl_0004"] - 10) / 5
+    y = (signal + rng.normal(size=n) > 0).astype(int).to_numpy()
+    return X, y
+
+
+def _pipeline(classifier) -> Pipeline:
+    return Pipeline([("scale", StandardScaler()),
+                     ("lasso", LassoSelector(cv=3, n_lambdas=8, random_state=0)),
+                     ("classifier", classifier)]).set_output(transform="pandas")
+
+
+def test_linear_head_is_the_exact_logit_of_a_linear_classifier() -> None:
+    X, y = _data()
+    model = _pipeline(LogisticRegression()).fit(X, y)
+    head = linear_head(model)
+    assert head.source == "classifier"
+    assert list(head.weights.index) == list(model["lasso"].selected_features_)
+    score = X[head.weights.index].to_numpy() @ head.weights.to_numpy() - head.offset
+    intercept = model.decision_function(X) - score
+    np.testing.assert_allclose(intercept, model["classifier"].intercept_[0], atol=1e-9)
+    assert abs(score.mean()) < 1e-9  # centred on the average training patient
+
+
+def test_linear_head_falls_back_to_the_lasso_surrogate() -> None:
+    X, y = _data()
+    model = _pipeline(RandomForestClassifier(n_estimators=5, random_state=0)).fit(X, y)
+    head = linear_head(model)
+    assert head.source == "lasso"
+    lasso, scale = model["lasso"], model["scale"]
+    sd = pd.Series(scale.scale_, index=scale.feature_names_in_)
+    np.testing.assert_allclose(head.weights.to_numpy(),
+                               lasso.coef_ / sd[head.weights.index].to_numpy())
+    no_lasso = Pipeline([("scale", StandardScaler()),
+                         ("classifier", RandomForestClassifier(n_estimators=5))]).fit(X, y)
+    with pytest.raises(ValueError, match="not linear"):
+        linear_head(no_lasso)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["backbone=resnet18_2d", "backbone.input_size=[64,64]"],
+    ["backbone=resnet18_3d", "backbone.input_size=[16,16,16]"],
+])
+def test_overlays_are_written_with_pseudonyms_and_heat_fractions(
+        compose_cfg, rois, tmp_path: Path, overrides: list[str]) -> None:
+    cfg = compose_cfg(*overrides, "backbone.weights=random")
+    rng = np.random.default_rng(0)
+    head = LinearHead(weights=pd.Series(rng.normal(size=8),
+                                        index=[f"dl_{i:04d}" for i in range(0, 80, 10)]),
+                      offset=0.0, source="lasso")
+    alias = {pid: f"anon{k}" for k, pid in enumerate(rois.index)}
+    result = gradcam_overlays(rois, preprocess=cfg.preprocess, roi=cfg.roi,
+                              backbone=cfg.backbone, seed=0, head=head, n=3,
+                              out_dir=tmp_path / "explain", name=alias.__getitem__)
+    assert len(result) == 3
+    assert set(result.index) <= set(alias.values())
+    assert not any(pid in " ".join(result.path) for pid in rois.index)
+    for path in result.path:
+        with Image.open(path) as png:
+            assert png.size[0] > 100
+    assert result.heat_mass_inside.notna().any()
+    assert result.heat_mass_inside.dropna().between(0.0, 1.0).all()
+    assert set(result.explains) <= {"positive", "negative"}
+    assert ((result.score >= 0) == (result.explains == "positive")).all()
+    assert result.area_inside.between(0.0, 1.0).all()
+    assert (result.source == "lasso").all()
+    every = gradcam_overlays(rois, preprocess=cfg.preprocess, roi=cfg.roi,
+                             backbone=cfg.backbone, seed=0, head=head, n=10,
+                             out_dir=tmp_path / "all")
+    assert sorted(every.index) == sorted(rois.index)  # n above the ROIs: all of them
+    back = {v: k for k, v in alias.items()}
+    np.testing.assert_allclose(every.loc[[back[a] for a in result.index], "heat_mass_inside"],
+                               result.heat_mass_inside)  # deterministic
