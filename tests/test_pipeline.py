@@ -58,7 +58,10 @@ def test_smoke_experiment_end_to_end(smoke_store, tmp_path: Path) -> None:
             "calibration_test.png", "dca_test.png", "lasso_path.png", "nomogram.png",
             "report.html", "metrics_table.csv", "baseline_by_split.csv",
             "clinical_odds_ratios.csv", "delong_tests_exploratory.csv",
-            "roc_test_exploratory.png"} <= artifacts
+            "roc_test_exploratory.png", "explain"} <= artifacts
+    explain = [a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "explain")]
+    assert "explain/gradcam.csv" in explain
+    assert any(p.startswith("explain/SYN") and p.endswith(".png") for p in explain)
     qc = [a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "qc")]
     assert qc
     assert all(p.startswith("qc/SYN") and p.endswith(".png") for p in qc)
@@ -79,6 +82,7 @@ def test_smoke_experiment_end_to_end(smoke_store, tmp_path: Path) -> None:
     assert (delong["p_holm"] >= delong["p"]).all()
     report = (Path(folder) / "report.html").read_text()
     for text in ("AUC (95% CI)", "tuning CV (optimistic)", "TRIPOD+AI", "Holm-adjusted",
+                 "Grad-CAM",
                  "data:image/png;base64"):
         assert text in report, text
     splits = pd.read_csv(Path(folder) / "splits.csv", index_col="patient_id")

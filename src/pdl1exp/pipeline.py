@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pdl1exp.data.load import cohort_stage
 from pdl1exp.data.manifest import CohortError, problems_table
 from pdl1exp.data.splits import assign_splits
+from pdl1exp.features.explain import gradcam_overlays, linear_head
 from pdl1exp.features.extract import (
     DEEP_PREFIX,
     ROI_DESCRIPTORS,
@@ -25,6 +26,7 @@ from pdl1exp.features.extract import (
     extract_features,
     extractor_identity,
 )
+from pdl1exp.features.finetune import finetune_curves_figure, training_folds
 from pdl1exp.features.radiomics import (
     RadiomicsExtraction,
     extract_radiomics,
@@ -96,16 +98,49 @@ def _log_qc(cfg: DictConfig, rois: pd.DataFrame) -> None:
 def _deep_features(cfg: DictConfig, rois: pd.DataFrame, y: pd.Series,
                    splits: pd.Series) -> Extraction:
     """The deep-feature stage (fine-tuning, when enabled, sees the training patients only)."""
-    extraction = extract_features(rois, preprocess=cfg.preprocess, roi=cfg.roi,
-                                  backbone=cfg.backbone, seed=cfg.seed,
-                                  cache_dir=Path(cfg.paths.cache_dir) / "features",
-                                  train_labels=y[splits == "train"])
+    train_labels = y[splits == "train"]
+    extraction = extract_features(
+        rois, preprocess=cfg.preprocess, roi=cfg.roi, backbone=cfg.backbone, seed=cfg.seed,
+        cache_dir=Path(cfg.paths.cache_dir) / "features", train_labels=train_labels,
+        # Cross-fitted fine-tuning uses the downstream CV folds (same splitter, same order).
+        folds=training_folds(train_labels, cv_folds=cfg.tuning.cv_folds,
+                             random_state=cfg.tuning.random_state))
     mlflow.set_tags({"backbone_weights": extraction.weights_tag,
                      "feature_cache": "hit" if extraction.cache_hit else "miss",
                      "feature_cache_key": extraction.key, "precision": extraction.precision})
     if extraction.finetune:
         mlflow.log_dict(extraction.finetune, "finetune.json")
+        mlflow.log_metrics({f"finetune_alignment_{k}": v
+                            for k, v in extraction.finetune.get("alignment", {}).items()})
+        with tempfile.TemporaryDirectory() as folder:
+            figure = finetune_curves_figure(extraction.finetune, Path(folder) / "finetune.png",
+                                            dpi=cfg.evaluation.dpi)
+            mlflow.log_artifact(str(figure))
     return extraction
+
+
+def _explain(cfg: DictConfig, rois: pd.DataFrame, splits: pd.Series, fitted: Fitted,
+             extraction: Extraction, folder: Path) -> list[Path]:
+    """Grad-CAM overlays of the chosen DLR model on a sample of held-out ROIs, written to
+    ``<folder>/explain`` (logged with the run folder)."""
+    if "dlr" not in fitted.chosen or cfg.evaluation.gradcam_n <= 0:
+        return []
+    try:
+        head = linear_head(fitted.chosen["dlr"].model)
+    except ValueError as err:
+        log.warning("No Grad-CAM: %s", err)
+        return []
+    key = pseudonym_key(Path(cfg.paths.cache_dir)) if cfg.tracking.pseudonymise else None
+    held_out = rois.loc[splits.index[splits != "train"]]
+    result = gradcam_overlays(held_out, preprocess=cfg.preprocess, roi=cfg.roi,
+                              backbone=cfg.backbone, seed=cfg.seed, head=head,
+                              n=cfg.evaluation.gradcam_n, out_dir=folder / "explain",
+                              name=(lambda pid: pseudonym(pid, key)) if key else str,
+                              finetune=extraction.finetune, dpi=cfg.evaluation.dpi)
+    mlflow.log_metrics({"gradcam_heat_in_mask_median": float(result["heat_mass_inside"].median()),
+                        "gradcam_area_in_mask_median": float(result["area_inside"].median())})
+    log_frame(result.drop(columns="path").reset_index(drop=True), "explain/gradcam.csv")
+    return [Path(p) for p in result["path"]]
 
 
 def _nested(cfg: DictConfig, train: pd.DataFrame, features: dict[str, pd.DataFrame],
@@ -280,9 +315,12 @@ def run(cfg: DictConfig) -> float:
             icc = getattr(model.model.named_steps.get("icc"), "icc_", None)
             if icc is not None:
                 log_frame(icc, f"icc_{feature_set}.csv")
+        folder = _run_folder()
+        explained = _explain(cfg, rois, splits, fitted, extraction, folder) if extraction else []
         write_outputs(cfg, cohort=cohort, table=table, splits=splits, fitted=fitted,
                       primary=primary, metrics=metrics, delong=delong, nested=nested,
-                      versions={**tags, "data_hash": cohort.data_hash}, folder=_run_folder())
+                      versions={**tags, "data_hash": cohort.data_hash}, folder=folder,
+                      explained=explained)
         selected = _selected_model(primary, fitted, cohort.clinical,
                                    list(cfg.combined_signatures), cfg.clinical.signature_clip)
         log_frame(held_out_frame(primary, y), PREDICTIONS_FILE)

@@ -183,7 +183,8 @@ def _tripod(cfg: DictConfig, cohort: Cohort, table: pd.DataFrame, splits: pd.Ser
 def write_outputs(cfg: DictConfig, *, cohort: Cohort, table: pd.DataFrame, splits: pd.Series,
                   fitted: Fitted, primary: ModelResult, metrics: pd.DataFrame,
                   delong: pd.DataFrame, versions: dict[str, str], folder: Path,
-                  nested: pd.DataFrame | None = None) -> Path:
+                  nested: pd.DataFrame | None = None, explained: list[Path] | None = None
+                  ) -> Path:
     """Write every figure, table and ``report.html`` into ``folder`` and log them."""
     folder.mkdir(parents=True, exist_ok=True)
     y = table["label"]
@@ -221,6 +222,10 @@ def write_outputs(cfg: DictConfig, *, cohort: Cohort, table: pd.DataFrame, split
             "with the single test-split result above; tuning-CV AUCs are optimistic."),
             table=nested)] if nested is not None else []),
         ReportSection("Figures", figures=[p for p in figures if p.suffix == ".png"]),
+        *([ReportSection("Grad-CAM of the DLR model (held-out patients)", text=(
+            "Where in the ROI the deep features that drive the chosen DLR model's linear score "
+            "respond (explain/gradcam.csv: share of heat-map mass inside the dilated mask)."),
+            figures=explained)] if explained else []),
         ReportSection("Exploratory figures: every classifier", figures=[
             p for p in exploratory if p.suffix == ".png"]),
         ReportSection("Pre-specified comparisons on the test split", text=(
