@@ -101,6 +101,7 @@ def test_peak_rss_sees_a_child_process(tmp_path: Path) -> None:
     finally:
         child.kill()
     assert memory["peak_mb"] >= 200
+    assert 0 < memory["peak_pss_mb"] <= memory["peak_mb"]
 
 
 def test_exponents_are_log_log_slopes() -> None:

@@ -124,6 +124,7 @@ def _suites(quick: bool) -> dict[str, Callable[[], dict[str, Any]]]:
     def e2e() -> dict[str, Any]:
         result = bench_e2e.run(overrides=fusion)
         measured[352] = {"wall_s": result["cold_s"], "peak_rss_mb": result["peak_rss_mb"],
+                         "peak_pss_mb": result["peak_pss_mb"],
                          "stages_s": result["stages_s"],
                          "warm_stages_s": result["warm_stages_s"]}
         return result

@@ -58,7 +58,7 @@ def run(
             overrides (the e2e cold run, the 240-patient run), reused instead of rerun.
 
     Returns:
-        ``n``, ``stage_s`` {stage: [s per n]}, ``wall_s``, ``rss_mb``, ``exponent``
+        ``n``, ``stage_s`` {stage: [s per n]}, ``wall_s``, ``rss_mb``, ``pss_mb``, ``exponent``
         {stage: slope}, ``volumes``.
     """
     runs = []
@@ -75,6 +75,7 @@ def run(
     wall = [round(r["wall_s"], 1) for r in runs]
     return {"n": list(n), "stage_s": stage_s, "wall_s": wall,
             "rss_mb": [round(r["peak_rss_mb"], 1) for r in runs],
+            "pss_mb": [round(r.get("peak_pss_mb", float("nan")), 1) for r in runs],
             "exponent": {**exponents(n, stage_s), **exponents(n, {"total": wall})},
             "volumes": {"default": [s for s in n if s < large_from],
                         f"smaller ({', '.join(large)})": [s for s in n if s >= large_from]}}
