@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import tempfile
 import time
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "torch_threads": torch.get_num_threads(), "quick": args.quick,
+                    "cpus": os.cpu_count(),
+                    # Other users of the cores make every wall time here longer.
+                    "load_average_1m_at_start": os.getloadavg()[0],
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
     }
     for name, suite in suites.items():
