@@ -38,11 +38,15 @@ test-full: $(STAMP) ## Run every test, slow and reference ones included
 lint: $(STAMP) ## ruff check
 	$(BIN)/ruff check src tests
 
+# BENCH_QUICK=1: the subset that finishes in under 30 min on 2 cores (smaller scaling cohorts).
 bench: $(STAMP) ## Benchmarks: writes experiments/BENCHMARKS.md and BENCHMARKS.json
-	$(BIN)/python -m pdl1exp.bench
+	$(BIN)/python -m pdl1exp.bench $(if $(BENCH_QUICK),--quick) $(ARGS)
 
-ui: $(STAMP) ## MLflow UI on 127.0.0.1:5000 over the local sqlite store
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns --host 127.0.0.1 --port 5000
+# One uvicorn worker and no huey job runner (MLflow's GenAI jobs): a local viewer on a laptop.
+ui: $(STAMP) ## MLflow UI on 127.0.0.1:5000 over the local sqlite store (one worker)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --workers 1 \
+		--backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns \
+		--host 127.0.0.1 --port 5000
 
 clean: ## Remove run outputs and caches (keeps .venv)
 	rm -rf experiments/runs experiments/cache mlruns/* .pytest_cache .ruff_cache

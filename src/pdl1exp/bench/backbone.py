@@ -1,4 +1,4 @@
-"""CPU throughput of the feature backbones in fp32 and bf16, against the machine's matmul peak.
+"""CPU throughput of the feature backbones per precision path, against the machine's matmul peak.
 
 The 2D backbone's measures are unprefixed (the ``backbone`` section's contract); the 3D one's
 (``fmcib_3d``: FMCIB's trunk on its 50³ patch) carry its name as a prefix.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,6 +18,8 @@ from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
 from pdl1exp.features.backbones import build_backbone
+from pdl1exp.features.extractor import DeepFeatureExtractor
+from pdl1exp.paths import CONFIG_DIR
 
 __all__ = ["run"]
 
@@ -33,96 +34,132 @@ def run(
     threads: int = 2,
     backbone: str = "resnet50_2d",
     backbone_3d: str = "fmcib_3d",
-    conf_dir: str | Path = "conf",
-) -> dict[str, float]:
-    """Measure ROIs/s (fp32, bf16 autocast), FLOPs per ROI and the fp32/bf16 matmul peaks.
+    compile_2d: bool = True,
+    matmul_sizes: tuple[int, ...] = MATMUL_SIZES,
+    overrides: tuple[str, ...] = (),
+    overrides_3d: tuple[str, ...] = (),
+    conf_dir: str | Path = CONFIG_DIR,
+) -> dict[str, float | str]:
+    """Measure ROIs/s per precision path, FLOPs per ROI and the fp32/bf16 matmul peaks.
 
-    The network, input channels, ROI size, batch size and memory format are those of the
-    composed config with ``backbone=<name>``; inference runs in eval mode under
-    ``torch.inference_mode``. ROIs/s are those of the median timed batch (``*_best_batch``:
-    the fastest, the machine's capability when other processes compete for the cores);
-    fractions are achieved FLOP/s of the median batch over the matmul peak.
+    Paths, each through :class:`~pdl1exp.features.extractor.DeepFeatureExtractor` as the
+    pipeline runs it: ``fp32``; ``autocast`` (Lightning ``bf16-mixed``); ``bf16`` (Lightning
+    ``bf16-true``: the network and inputs converted to bf16, the default); ``bf16_compiled``
+    (``bf16`` under ``torch.compile``, 2D only; ``bf16_compile_s``: the one-off compile). The
+    network, channels, ROI size, batch size and memory format are those of the composed config
+    with ``backbone=<name>``. ROIs/s are those of the fastest timed batch (the machine's
+    capability: other processes share the cores); ``*_fraction_of_peak`` is the achieved
+    FLOP/s over the matmul peak of the same dtype, ``bf16_fraction_of_peak`` that of the
+    default ``bf16`` path; ``*_cosine_min``: least cosine similarity to the fp32 features.
 
     Args:
-        n_images: 2D ROIs timed per precision (rounded up to whole batches).
-        n_volumes: 3D ROIs timed per precision (rounded up to whole batches).
+        n_images: 2D ROIs timed per path (rounded up to whole batches).
+        n_volumes: 3D ROIs timed per path (rounded up to whole batches).
         threads: intra-op CPU threads.
         backbone: name of the 2D backbone config.
         backbone_3d: name of the 3D backbone config (measures prefixed with it).
+        compile_2d: also time the compiled 2D path (its compile takes about a minute).
+        matmul_sizes: square matmul sizes of the peak measurement.
+        overrides: extra Hydra overrides of the 2D config, e.g. ``("backbone.batch_size=2",)``.
+        overrides_3d: extra Hydra overrides of the 3D config.
         conf_dir: the Hydra config folder.
     """
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        peaks = {"fp32": _matmul_peak(torch.float32), "bf16": _matmul_peak(torch.bfloat16)}
-        plain = _measure(_compose(conf_dir, backbone), n_images=n_images, peaks=peaks)
-        volume = _measure(_compose(conf_dir, backbone_3d), n_images=n_volumes, peaks=peaks)
+        peaks = {dtype: _matmul_peak(getattr(torch, name), sizes=matmul_sizes)
+                 for dtype, name in (("fp32", "float32"), ("bf16", "bfloat16"))}
+        plain = _measure(_compose(conf_dir, backbone, overrides), n_images=n_images,
+                         peaks=peaks, compiled=compile_2d)
+        volume = _measure(_compose(conf_dir, backbone_3d, overrides_3d), n_images=n_volumes,
+                          peaks=peaks, compiled=False)
     finally:
         torch.set_num_threads(previous_threads)
-    return {"threads": threads, **plain,
-            **{f"{backbone_3d}_{k}": v for k, v in volume.items() if not k.startswith("matmul")}}
+    return {"threads": threads,
+            "matmul_peak_fp32_gflop_per_s": peaks["fp32"] / 1e9,
+            "matmul_peak_bf16_gflop_per_s": peaks["bf16"] / 1e9, **plain,
+            **{f"{backbone_3d}_{k}": v for k, v in volume.items()}}
 
 
-def _compose(conf_dir: str | Path, backbone: str) -> DictConfig:
+def _compose(conf_dir: str | Path, backbone: str, overrides: tuple[str, ...]) -> DictConfig:
     """The root config composed with ``backbone=<backbone>`` (its ROI and preprocessing)."""
     with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
-        return compose("config", overrides=[f"backbone={backbone}"])
+        return compose("config", overrides=[f"backbone={backbone}", *overrides])
 
 
-def _measure(cfg: DictConfig, *, n_images: int, peaks: dict[str, float]) -> dict[str, float]:
-    """Throughput of ``cfg.backbone`` on random inputs of its ROI's shape."""
+def _extractor(cfg: DictConfig, *, dtype: torch.dtype, compiled: bool) -> DeepFeatureExtractor:
+    """The pipeline's extractor module, converted to ``dtype`` like Lightning's ``*-true``."""
     bb = cfg.backbone
+    torch.manual_seed(0)
     net = build_backbone(name=bb.arch, spatial_dims=bb.spatial_dims, in_channels=cfg.roi.channels,
-                         multi_stage=bb.multi_stage).eval()
-    batch = torch.rand(bb.batch_size, cfg.roi.channels, *bb.input_size)
-    if bb.channels_last:
-        memory_format = torch.channels_last if bb.spatial_dims == 2 else torch.channels_last_3d
-        net = net.to(memory_format=memory_format)
-        batch = batch.contiguous(memory_format=memory_format)
+                         multi_stage=bb.multi_stage)
+    channels = cfg.roi.channels
+    module = DeepFeatureExtractor(net, mean=[0.5] * channels, std=[0.25] * channels,
+                                  channels_last=bb.channels_last, compile_backbone=compiled)
+    module = module.to(dtype).eval()
+    module.on_predict_start()
+    return module
+
+
+def _measure(cfg: DictConfig, *, n_images: int, peaks: dict[str, float],
+             compiled: bool) -> dict[str, float | str]:
+    """Throughput of ``cfg.backbone``'s paths on random inputs of its ROI's shape."""
+    bb = cfg.backbone
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.rand(bb.batch_size, cfg.roi.channels, *bb.input_size, generator=generator)
+    reference = _extractor(cfg, dtype=torch.float32, compiled=False)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        net(batch[:1])
-    flop_per_image = counter.get_total_flops()
+        reference.backbone(batch[:1])
+    flop = counter.get_total_flops()
     n_batches = math.ceil(n_images / bb.batch_size)
-    fp32, fp32_best = _rois_per_s(net, batch, n_batches=n_batches, bf16=False)
-    bf16, bf16_best = _rois_per_s(net, batch, n_batches=n_batches, bf16=True)
-    peak_fp32, peak_bf16 = peaks["fp32"], peaks["bf16"]
-    return {
-        "input_size": "x".join(str(s) for s in bb.input_size),
-        "batch_size": bb.batch_size,
-        "images_timed": n_batches * bb.batch_size,
-        "gflop_per_image": flop_per_image / 1e9,
-        "fp32_rois_per_s": fp32,
-        "bf16_rois_per_s": bf16,
-        "fp32_rois_per_s_best_batch": fp32_best,
-        "bf16_rois_per_s_best_batch": bf16_best,
-        "fp32_gflop_per_s": fp32 * flop_per_image / 1e9,
-        "bf16_gflop_per_s": bf16 * flop_per_image / 1e9,
-        "matmul_peak_fp32_gflop_per_s": peak_fp32 / 1e9,
-        "matmul_peak_bf16_gflop_per_s": peak_bf16 / 1e9,
-        "fp32_fraction_of_peak": fp32 * flop_per_image / peak_fp32,
-        "bf16_fraction_of_peak": bf16 * flop_per_image / peak_bf16,
-    }
+    paths = {"fp32": (torch.float32, False, False), "autocast": (torch.float32, True, False),
+             "bf16": (torch.bfloat16, False, False)}
+    if compiled:
+        paths["bf16_compiled"] = (torch.bfloat16, False, True)
+    results: dict[str, float | str] = {
+        "input_size": "x".join(str(s) for s in bb.input_size), "batch_size": bb.batch_size,
+        "images_timed": n_batches * bb.batch_size, "gflop_per_image": flop / 1e9}
+    with torch.inference_mode():
+        expected = reference(batch)
+    for path, (dtype, autocast, compile_backbone) in paths.items():
+        module = reference if path == "fp32" else _extractor(cfg, dtype=dtype,
+                                                             compiled=compile_backbone)
+        rate, features, first_s = _rois_per_s(module, batch.to(dtype), n_batches=n_batches,
+                                              autocast=autocast)
+        if compile_backbone:  # the first call compiles
+            results[f"{path}_compile_s"] = first_s - len(batch) / rate
+        peak = peaks["fp32" if path == "fp32" else "bf16"]
+        results[f"{path}_rois_per_s"] = rate
+        results[f"{path}_gflop_per_s"] = rate * flop / 1e9
+        results[f"{path}_fraction_of_peak"] = rate * flop / peak
+        results[f"{path}_cosine_min"] = float(
+            torch.nn.functional.cosine_similarity(features, expected).min())
+    return results
 
 
-def _rois_per_s(
-    net: torch.nn.Module, batch: torch.Tensor, *, n_batches: int, bf16: bool
-) -> tuple[float, float]:
-    """ROIs per second of the median and of the fastest of ``n_batches`` timed forwards."""
-    precision = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+def _rois_per_s(module: DeepFeatureExtractor, batch: torch.Tensor, *, n_batches: int,
+                autocast: bool) -> tuple[float, torch.Tensor, float]:
+    """ROIs/s of the fastest of ``n_batches`` timed forwards, the features, the first call's s.
+
+    The first call (untimed in the rate) lets oneDNN pick and cache its kernels, or compiles.
+    """
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
     seconds = []
     with torch.inference_mode(), precision:
-        net(batch)  # oneDNN picks and caches its kernels on the first call
+        start = time.perf_counter()
+        features = module(batch)
+        first_s = time.perf_counter() - start
         for _ in range(n_batches):
             start = time.perf_counter()
-            net(batch)
+            module(batch)
             seconds.append(time.perf_counter() - start)
-    return len(batch) / statistics.median(seconds), len(batch) / min(seconds)
+    return len(batch) / min(seconds), features.float(), first_s
 
 
-def _matmul_peak(dtype: torch.dtype) -> float:
-    """Best FLOP/s of square ``torch.matmul`` over ``MATMUL_SIZES``."""
+def _matmul_peak(dtype: torch.dtype, *, sizes: tuple[int, ...]) -> float:
+    """Best FLOP/s of square ``torch.matmul`` over ``sizes``."""
     best = 0.0
-    for n in MATMUL_SIZES:
+    for n in sizes:
         a = torch.rand(n, n, dtype=dtype)
         b = torch.rand(n, n, dtype=dtype)
         torch.matmul(a, b)

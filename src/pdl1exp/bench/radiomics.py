@@ -13,10 +13,9 @@ from omegaconf import OmegaConf
 from pdl1exp.data.load import cohort_stage
 from pdl1exp.features.radiomics import extract_radiomics
 from pdl1exp.imaging.rois import roi_stage
+from pdl1exp.paths import CONFIG_DIR
 
 __all__ = ["run"]
-
-_CONF = Path(__file__).resolve().parents[3] / "conf"
 
 
 def run(n_patients: int = 24, *, n_jobs: tuple[int, ...] = (1, 2), seed: int = 42,
@@ -38,7 +37,7 @@ def run(n_patients: int = 24, *, n_jobs: tuple[int, ...] = (1, 2), seed: int = 4
     """
     results: dict[str, Any] = {"patients": n_patients}
     with tempfile.TemporaryDirectory() as folder:
-        with initialize_config_dir(config_dir=str(_CONF), version_base="1.3"):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("config", overrides=[
                 "+radiomics=ct", f"seed={seed}", f"paths.cache_dir={folder}",
                 f"dataset.generator.n_patients={n_patients}",

@@ -1,0 +1,202 @@
+"""Benchmark: one whole experiment, cold and warm, timed per stage, with the peak RSS.
+
+Each run is a fresh ``python -m pdl1exp.bench.e2e`` process (interpreter start and imports
+included, as a user pays them) in a folder of its own: its caches (synthetic cohort, segmented
+masks, features), MLflow store and Optuna studies. Stage times come from wrapping the
+pipeline's stage functions in that process (:data:`STAGES`; the pipeline itself is not
+edited); a stage's time excludes the wrapped stages it calls (cohort generation is not counted
+again under validation), and ``other`` is the rest of the wall time (start-up, imports, MLflow
+set-up, child-run logging). The parent samples the resident memory of the process and all its
+descendants (cohort writers, data loaders, PyRadiomics workers) with psutil.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import psutil
+
+__all__ = ["STAGES", "StageTimer", "peak_rss", "run", "run_pipeline"]
+
+# (module, attribute, stage): the stage functions as the pipeline looks them up.
+STAGES: tuple[tuple[str, str, str], ...] = (
+    ("pdl1exp.data.synthetic", "SyntheticCohort.write", "cohort"),
+    ("pdl1exp.pipeline", "cohort_stage", "validation"),
+    ("pdl1exp.pipeline", "roi_stage", "segmentation"),
+    ("pdl1exp.pipeline", "_log_qc", "qc"),
+    ("pdl1exp.pipeline", "_deep_features", "deep_features"),
+    ("pdl1exp.pipeline", "_radiomics", "radiomics"),
+    ("pdl1exp.models.tuning", "prepare_folds", "selection"),
+    ("pdl1exp.pipeline", "fit_feature_sets", "sweep"),
+    ("pdl1exp.pipeline", "_nested", "nested_cv"),
+    ("pdl1exp.pipeline", "evaluate", "evaluation"),
+    ("pdl1exp.pipeline", "delong_table", "evaluation"),
+    ("pdl1exp.pipeline", "write_outputs", "report"),
+    ("pdl1exp.pipeline", "log_selected_model", "model_logging"),
+)
+RSS_POLL_S = 0.2  # sampling period of the process tree's resident memory
+
+
+class StageTimer:
+    """Accumulate the exclusive wall time of wrapped functions per stage name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._children: list[float] = []  # time spent in wrapped callees, per open call
+
+    def wrap(self, stage: str, function: Callable) -> Callable:
+        """``function`` timed under ``stage`` (minus the time of wrapped functions it calls)."""
+
+        @functools.wraps(function)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._children.append(0.0)
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                self.seconds[stage] += elapsed - self._children.pop()
+                if self._children:
+                    self._children[-1] += elapsed
+
+        return timed
+
+    @contextmanager
+    def patched(self, stages: Sequence[tuple[str, str, str]] = STAGES) -> Iterator[StageTimer]:
+        """Replace each ``module.attribute`` of ``stages`` by its timed wrapper meanwhile."""
+        with ExitStack() as stack:
+            for module_name, attribute, stage in stages:
+                owner: Any = importlib.import_module(module_name)
+                *path, name = attribute.split(".")
+                for part in path:
+                    owner = getattr(owner, part)
+                stack.enter_context(
+                    mock.patch.object(owner, name, self.wrap(stage, getattr(owner, name))))
+            yield self
+
+
+@contextmanager
+def peak_rss(pid: int, *, period_s: float = RSS_POLL_S) -> Iterator[dict[str, float]]:
+    """Sample the memory of ``pid`` and its descendants; peaks in MB when done.
+
+    ``peak_mb``: summed RSS, which counts pages shared by forked workers once per process (an
+    upper bound); ``peak_pss_mb``: summed PSS, shared pages split between their sharers.
+    """
+    result = {"peak_mb": 0.0, "peak_pss_mb": 0.0}
+    stop = threading.Event()
+
+    def poll() -> None:
+        root = psutil.Process(pid)
+        while not stop.is_set():
+            try:
+                tree = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            rss = pss = 0
+            for process in tree:
+                try:
+                    memory = process.memory_full_info()
+                except psutil.NoSuchProcess:  # a worker that just ended
+                    continue
+                rss, pss = rss + memory.rss, pss + memory.pss
+            result["peak_mb"] = max(result["peak_mb"], rss / 2**20)
+            result["peak_pss_mb"] = max(result["peak_pss_mb"], pss / 2**20)
+            stop.wait(period_s)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+
+
+def run_pipeline(overrides: Sequence[str], *, folder: str | Path) -> dict[str, Any]:
+    """One ``python -m pdl1exp`` run with every store inside ``folder``, timed per stage.
+
+    Args:
+        overrides: Hydra overrides, e.g. ``("+experiment=fusion",)``.
+        folder: holds ``cache/``, ``mlflow.db`` (artifacts beside it), ``optuna.db`` and the
+            Hydra run folder; reuse it for a warm run.
+
+    Returns:
+        ``wall_s``, ``peak_rss_mb``, ``peak_pss_mb`` (:func:`peak_rss`), ``stages_s``
+        ({stage: s}, ``other`` included).
+    """
+    folder = Path(folder).resolve()
+    stages_file = folder / "stages.json"
+    stores = [f"paths.cache_dir={folder / 'cache'}",
+              f"tracking.uri=sqlite:///{folder / 'mlflow.db'}",
+              f"tuning.storage=sqlite:///{folder / 'optuna.db'}",
+              f"hydra.run.dir={folder / 'runs' / '${now:%H-%M-%S-%f}'}"]
+    command = [sys.executable, "-m", "pdl1exp.bench.e2e", str(stages_file), *overrides, *stores]
+    start = time.perf_counter()
+    process = psutil.Popen(command, cwd=folder)
+    with peak_rss(process.pid) as memory:
+        code = process.wait()
+    wall_s = time.perf_counter() - start
+    if code:
+        msg = f"benchmark run failed (exit {code}): {' '.join(command)}"
+        raise RuntimeError(msg)
+    stages = json.loads(stages_file.read_text())
+    stages["other"] = max(0.0, wall_s - sum(stages.values()))
+    return {"wall_s": wall_s, "peak_rss_mb": memory["peak_mb"],
+            "peak_pss_mb": memory["peak_pss_mb"],
+            "stages_s": {k: round(v, 2) for k, v in stages.items()}}
+
+
+def run(*, overrides: Sequence[str] = ("+experiment=fusion",)) -> dict[str, Any]:
+    """The experiment cold (every cache empty, the cohort included), then warm (caches kept).
+
+    Args:
+        overrides: Hydra overrides of both runs.
+
+    Returns:
+        ``cold_s``, ``warm_s``, ``peak_rss_mb`` (the larger of both runs), ``stages_s`` (cold),
+        ``warm_stages_s``, ``peak_rss_mb_warm`` and how stages were timed.
+    """
+    with tempfile.TemporaryDirectory(prefix="pdl1exp-bench-") as folder:
+        cold = run_pipeline(overrides, folder=folder)
+        warm = run_pipeline(overrides, folder=folder)
+    return {"overrides": list(overrides), "cold_s": round(cold["wall_s"], 1),
+            "warm_s": round(warm["wall_s"], 1),
+            "peak_rss_mb": round(max(cold["peak_rss_mb"], warm["peak_rss_mb"]), 1),
+            "peak_rss_mb_warm": round(warm["peak_rss_mb"], 1),
+            "peak_pss_mb": round(max(cold["peak_pss_mb"], warm["peak_pss_mb"]), 1),
+            "stages_s": cold["stages_s"], "warm_stages_s": warm["stages_s"],
+            "timing": "stage functions wrapped in the run's process (pdl1exp.bench.e2e.STAGES); "
+                      "RSS (and PSS) of the process tree sampled every 0.2 s with psutil"}
+
+
+def _child(stages_file: str, overrides: list[str]) -> None:
+    """The timed run: ``python -m pdl1exp`` with the stage functions wrapped."""
+    import pdl1exp.pipeline  # noqa: F401  (imported so that its stage functions can be wrapped)
+    from pdl1exp.__main__ import main
+
+    timer = StageTimer()
+    sys.argv = ["pdl1exp", *overrides]
+    try:
+        with timer.patched():
+            main()
+    except SystemExit as stop:  # Hydra exits after the run
+        if stop.code:
+            raise
+    finally:
+        Path(stages_file).write_text(json.dumps(timer.seconds))
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[2:])

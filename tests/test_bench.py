@@ -1,0 +1,168 @@
+"""The benchmarks on tiny sizes: their contract keys, stage timing and the bf16 fast path.
+
+No assertion depends on how fast anything ran: clocks are replaced where times are checked.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from pdl1exp.bench import __main__ as bench_main
+from pdl1exp.bench import backbone as bench_backbone
+from pdl1exp.bench import e2e as bench_e2e
+from pdl1exp.bench import scaling as bench_scaling
+from pdl1exp.features.backbones import build_backbone
+from pdl1exp.features.extractor import DeepFeatureExtractor
+
+# Least cosine similarity and largest relative L2 error of bf16 features against fp32 ones.
+BF16_COSINE_MIN = 0.999
+BF16_RELATIVE_ERROR_MAX = 0.03
+MAX_POLLS = 400  # of the peak-RSS sampler, 0.05 s apart
+
+
+class _Clock:
+    """A fake ``time.perf_counter`` advanced by the timed functions themselves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_stage_timer_counts_exclusive_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(bench_e2e.time, "perf_counter", clock)
+    timer = bench_e2e.StageTimer()
+
+    def inner() -> None:
+        clock.now += 3.0
+
+    timed_inner = timer.wrap("inner", inner)
+
+    def outer() -> str:
+        clock.now += 2.0
+        timed_inner()
+        clock.now += 1.0
+        return "done"
+
+    assert timer.wrap("outer", outer)() == "done"
+    timed_inner()
+    assert dict(timer.seconds) == {"inner": 6.0, "outer": 3.0}
+
+
+def test_stage_timer_patches_and_restores_the_pipeline_stages() -> None:
+    import pdl1exp.pipeline as pipeline
+    from pdl1exp.data.synthetic import SyntheticCohort
+
+    originals = {name: getattr(pipeline, name) for _, name, _ in bench_e2e.STAGES
+                 if "." not in name and hasattr(pipeline, name)}
+    write = SyntheticCohort.write
+    with bench_e2e.StageTimer().patched():
+        assert all(getattr(pipeline, name) is not f for name, f in originals.items())
+        assert SyntheticCohort.write is not write
+    assert all(getattr(pipeline, name) is f for name, f in originals.items())
+    assert SyntheticCohort.write is write
+
+
+def test_peak_rss_sees_a_child_process(tmp_path: Path) -> None:
+    """A child holding 200 MB shows in the tree's peak (it signals through a file)."""
+    ready = tmp_path / "ready"
+    code = textwrap.dedent(f"""
+        import pathlib, time
+        block = bytearray(200 * 2**20)
+        pathlib.Path({str(ready)!r}).write_text("1")
+        while pathlib.Path({str(ready)!r}).exists():
+            time.sleep(0.05)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        with bench_e2e.peak_rss(os.getpid(), period_s=0.05) as memory:
+            while not ready.exists():
+                assert child.poll() is None, "the child ended before allocating"
+                time.sleep(0.01)
+            # Give the sampler a bounded number of chances to see the allocation.
+            for _ in range(MAX_POLLS):
+                if memory["peak_mb"] >= 200:
+                    break
+                time.sleep(0.05)
+            ready.unlink()
+            child.wait()
+    finally:
+        child.kill()
+    assert memory["peak_mb"] >= 200
+    assert 0 < memory["peak_pss_mb"] <= memory["peak_mb"]
+
+
+def test_exponents_are_log_log_slopes() -> None:
+    result = bench_scaling.exponents([10, 100, 1000], {
+        "linear": [0.1, 1.0, 10.0], "flat": [2.0, 2.0, 2.0], "square": [0.1, 10.0, 1000.0],
+        "negligible": [0.01, 0.02, 0.04]})
+    assert result == {"linear": 1.0, "flat": 0.0, "square": 2.0}
+
+
+def test_peer_240_splits_extraction_and_modelling() -> None:
+    result = bench_scaling.peer_240({"wall_s": 100.0, "peak_rss_mb": 900.0, "stages_s": {
+        "cohort": 30.0, "segmentation": 5.0, "deep_features": 10.0, "radiomics": 5.0,
+        "sweep": 40.0, "other": 10.0}})
+    assert result["pdl1exp_cohort_generation_s"] == 30.0
+    assert result["pdl1exp_extraction_s"] == 20.0
+    assert result["pdl1exp_modelling_s"] == 50.0
+    assert result["peers_quoted"] == bench_scaling.PEER_240
+
+
+def test_ratios_judge_each_target() -> None:
+    rows = bench_main.ratios({"e2e": {"cold_s": 360.0, "warm_s": 60.0, "peak_rss_mb": 1000.0},
+                              "backbone": {"bf16_fraction_of_peak": 0.8}})
+    verdicts = {r["measure"]: (r["ratio"], r["met"]) for r in rows}
+    assert verdicts == {"cold_s": (2.0, False), "warm_s": (0.8, True),
+                        "peak_rss_mb": (1000.0 / 3072.0, True),
+                        "bf16_fraction_of_peak": (0.8 / 0.75, True)}
+
+
+def test_backbone_bench_has_the_contract_keys_on_tiny_inputs() -> None:
+    result = bench_backbone.run(
+        n_images=2, n_volumes=1, compile_2d=False, matmul_sizes=(64,),
+        overrides=("backbone.batch_size=2", "backbone.input_size=[32,32]"),
+        overrides_3d=("backbone.batch_size=1", "backbone.input_size=[16,16,16]"))
+    for prefix in ("", "fmcib_3d_"):
+        for path in ("fp32", "autocast", "bf16"):
+            assert result[f"{prefix}{path}_rois_per_s"] > 0
+            assert result[f"{prefix}{path}_fraction_of_peak"] > 0
+        assert result[f"{prefix}bf16_cosine_min"] >= BF16_COSINE_MIN
+    assert result["matmul_peak_bf16_gflop_per_s"] > 0
+
+
+def _predict(precision: str, images: torch.Tensor) -> torch.Tensor:
+    """Embeddings of ``images`` through the pipeline's Lightning path at ``precision``."""
+    torch.manual_seed(0)
+    net = build_backbone(name="resnet18", spatial_dims=2, in_channels=3)
+    module = DeepFeatureExtractor(net, mean=[0.5] * 3, std=[0.25] * 3)
+    data = [{"patient_id": f"P{i}", "image": image} for i, image in enumerate(images)]
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False,
+                         enable_checkpointing=False, enable_model_summary=False,
+                         enable_progress_bar=False, inference_mode=True)
+    batches = trainer.predict(module, DataLoader(data, batch_size=2))
+    return torch.cat([b["features"] for b in batches])
+
+
+def test_bf16_true_features_match_fp32_and_repeat_exactly() -> None:
+    """The default fast path (bf16 weights and inputs) against fp32, within the tolerance."""
+    images = torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    exact = _predict("32-true", images)
+    fast = _predict("bf16-true", images)
+    assert fast.dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(fast, exact)
+    assert cosine.min() >= BF16_COSINE_MIN
+    assert (fast - exact).norm() / exact.norm() <= BF16_RELATIVE_ERROR_MAX
+    assert torch.equal(fast, _predict("bf16-true", images))
