@@ -112,8 +112,10 @@ def extractor_identity(cfg: DictConfig, extraction: Extraction) -> dict[str, Any
 
 
 def resolve_precision(requested: str) -> str:
-    """``bf16-mixed`` where the hardware supports it, else full precision (with a warning)."""
-    if requested != "bf16-mixed":
+    """``bf16-mixed`` (autocast) or ``bf16-true`` (bf16 weights: about 2x autocast on CPUs
+    with bf16 matmul) where the hardware supports bf16, else ``16-mixed`` on CUDA or full
+    precision (with a warning)."""
+    if requested not in ("bf16-mixed", "bf16-true"):
         return requested
     if torch.cuda.is_available():
         return requested if torch.cuda.is_bf16_supported() else "16-mixed"
@@ -206,7 +208,8 @@ def _embed(net: torch.nn.Module, items: list[dict[str, Any]], transform: Compose
            tta_views: int, devices: str | int) -> pd.DataFrame:
     """Embeddings of ``items`` by ``net`` (Lightning predict), one row per patient."""
     module = DeepFeatureExtractor(net, mean=mean, std=std,
-                                  channels_last=backbone.channels_last, tta_views=tta_views)
+                                  channels_last=backbone.channels_last, tta_views=tta_views,
+                                  compile_backbone=bool(backbone.get("compile", False)))
     data = ROIDataModule(items, transform, batch_size=backbone.batch_size,
                          num_workers=backbone.num_workers)
     progress = PatientProgress(len(items))
@@ -278,7 +281,9 @@ def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
         networks, tuned = crossfit_finetune(
             net, items=items, labels=train_labels, folds=folds, checkpoint_dir=tuned_dir,
             transform=transform, cfg_finetune=backbone.finetune, seed=seed, mean=mean, std=std,
-            precision=precision, num_workers=backbone.num_workers,
+            # Training keeps fp32 master weights: bf16-true is for inference only.
+            precision="bf16-mixed" if precision == "bf16-true" else precision,
+            num_workers=backbone.num_workers,
             channels_last=backbone.channels_last)
         start = time.perf_counter()
         parts = {n.name: _embed(n.net, [items[p] for p in n.patients], transform, **embed)
