@@ -303,8 +303,9 @@ def _claim(storage: RDBStorage | None, name: str, role: str) -> str | None:
         claim = optuna.load_study(storage=storage, study_name=f"{name}:finalizer")
         holder = claim.user_attrs
         mine = holder.get("host") == me["host"] and holder.get("pid") == me["pid"]
-        dead = holder.get("host") == me["host"] and not _alive(holder.get("pid"))
-        finished = holder.get("done") is not None and holder["done"] < _STARTED
+        done = holder.get("done")
+        dead = done is None and holder.get("host") == me["host"] and not _alive(holder.get("pid"))
+        finished = done is not None and done < _STARTED
         if not (role == "finalize" or mine or dead or finished):
             return f"{holder.get('host')} (pid {holder.get('pid')})"
     for key, value in me.items():
