@@ -19,6 +19,7 @@ import numpy as np
 import optuna
 import pandas as pd
 from hydra.utils import instantiate
+from joblib import Parallel, delayed
 from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.study import MaxTrialsCallback
@@ -332,14 +333,24 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def _objective(spec: Mapping[str, Any], selection: SharedSelection, counter: list[int]):
-    """Mean validation AUC over the folds, reported fold by fold to the pruner."""
+def _objective(
+    spec: Mapping[str, Any], selection: SharedSelection, n_jobs: int, counter: list[int]
+):
+    """Mean validation AUC over the folds, reported fold by fold to the pruner.
+
+    The folds are fitted on ``n_jobs`` threads and reported in their order, so the trial
+    (and the sweep) is the same whatever ``n_jobs``; a pruned trial cancels its
+    remaining folds.
+    """
 
     def objective(trial: optuna.Trial) -> float:
         estimator = build_estimator(spec, suggest_params(trial, spec["search_space"]))
+        probas = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(
+            delayed(_fold_proba)(estimator, fold) for fold in selection.folds
+        )
         aucs = []
-        for step, fold in enumerate(selection.folds):
-            aucs.append(float(roc_auc_score(fold.y_val, _fold_proba(estimator, fold))))
+        for step, (fold, proba) in enumerate(zip(selection.folds, probas, strict=True)):
+            aucs.append(float(roc_auc_score(fold.y_val, proba)))
             trial.report(float(np.mean(aucs)), step)
             if trial.should_prune():
                 raise optuna.TrialPruned
@@ -364,9 +375,8 @@ def _run_trials(
     with _counted_convergence_warnings(f"tuning {name}"):
         if len(_complete(study)) < n_trials:
             study.optimize(
-                _objective(spec, selection, mine),
+                _objective(spec, selection, tuning_cfg["n_jobs"], mine),
                 timeout=tuning_cfg.get("timeout_s"),
-                n_jobs=tuning_cfg["n_jobs"],
                 callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))],
             )
     return len(mine)
@@ -513,9 +523,12 @@ def tune_classifier(
     :func:`open_storage`). ``tuning.timeout_s`` (default null) stops a study early by wall
     clock: the classifiers' budgets then differ and their CV AUCs are no longer comparable.
 
-    Several processes may run the same sweep on one RDB ``storage`` (``tuning.n_jobs``
-    threads within each). ``tuning.role``: ``auto`` (default) runs trials, then the first
-    process to claim the finalization refits and returns the result, the others raise
+    ``tuning.n_jobs`` threads fit a trial's CV folds, so the sweep is identical for any
+    ``n_jobs`` (parallel trials in one process would make the sampler depend on timing).
+    Several processes may run the same sweep on one RDB ``storage``, each its own trials
+    (such a sweep depends on timing and is not reproducible). ``tuning.role``: ``auto``
+    (default) runs trials, then the first process to claim the finalization refits and
+    returns the result, the others raise
     :class:`WorkerDone`; ``worker`` runs trials, then raises :class:`WorkerDone`;
     ``finalize`` runs trials, waits for the other workers' trials, and returns the result.
 
