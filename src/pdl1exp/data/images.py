@@ -76,6 +76,25 @@ def _check_nifti_complete(path: Path) -> None:
         _check_finite(path, np.asanyarray(nifti.dataobj))
 
 
+def _check_header_size(path: Path) -> None:
+    """Fail on a header that claims more voxels than this machine's memory holds, before
+    ITK tries to allocate them."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    size = reader.GetSize()
+    one = sitk.Image([1] * len(size), reader.GetPixelID(), reader.GetNumberOfComponents())
+    needed = int(np.prod(size, dtype=np.float64)) * sitk.GetArrayViewFromImage(one).nbytes
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): ITK will tell
+        return
+    if needed > memory:
+        msg = (f"{path}: the header claims {' x '.join(map(str, size))} voxels "
+               f"({needed / 2**30:.0f} GiB), more than this machine's memory")
+        raise ImageReadError(msg)
+
+
 def _check_finite(path: Path, voxels: np.ndarray) -> None:
     if np.issubdtype(voxels.dtype, np.floating) and not np.isfinite(voxels).all():
         msg = f"{path}: {int((~np.isfinite(voxels)).sum())} voxel(s) are NaN or infinite"
@@ -83,17 +102,19 @@ def _check_finite(path: Path, voxels: np.ndarray) -> None:
 
 
 def _check_dicom_files(folder: Path) -> None:
-    """Fail on a DICOM file of ``folder`` that GDCM could not parse (truncated, corrupt):
-    GDCM leaves it out of every series, and the series would be read without that slice."""
+    """Fail on a DICOM file of ``folder`` (``.dcm`` or with the DICM magic; not DICOMDIR)
+    that GDCM could not parse (truncated, corrupt): GDCM leaves it out of every series, and
+    the series would be read without that slice."""
     reader = sitk.ImageSeriesReader
     parsed = {Path(f).resolve() for uid in reader.GetGDCMSeriesIDs(str(folder))
               for f in reader.GetGDCMSeriesFileNames(str(folder), uid)}
     broken = []
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.resolve() not in parsed:
+        if path.is_file() and path.name != "DICOMDIR" and path.resolve() not in parsed:
             with path.open("rb") as stream:
-                if stream.read(_DICOM_MAGIC_END)[_DICOM_MAGIC_END - 4:] == b"DICM":
-                    broken.append(path.name)
+                magic = stream.read(_DICOM_MAGIC_END)[_DICOM_MAGIC_END - 4:] == b"DICM"
+            if magic or path.suffix.lower() == ".dcm":
+                broken.append(path.name)
     if broken:
         msg = (f"{len(broken)} unreadable (truncated or corrupt) DICOM file(s): "
                f"{', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}")
@@ -148,9 +169,11 @@ def read_image(path: str | Path) -> sitk.Image:
         if suffix not in IMAGE_SUFFIXES:
             msg = f"{path}: unsupported image format {suffix!r}; use one of {IMAGE_SUFFIXES}"
             raise ImageReadError(msg)
-        if suffix in (".nii", ".nii.gz"):
-            _check_nifti_complete(path)
         try:
+            if suffix in (".nii", ".nii.gz"):
+                _check_nifti_complete(path)
+            else:
+                _check_header_size(path)
             image = sitk.ReadImage(str(path))
         except RuntimeError as err:
             msg = f"{path}: unreadable or truncated image ({str(err).splitlines()[-1][:200]})"
