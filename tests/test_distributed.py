@@ -22,13 +22,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pdl1exp.models.selected import SelectedModel
-from pdl1exp.models.tuning import open_storage, tune_classifier
+from pdl1exp.models.tuning import WorkerDone, open_storage, tune_classifier
 from pdl1exp.promote import promote
 from pdl1exp.serving import CANDIDATE, CHAMPION, PREDICTIONS_FILE, log_selected_model
 from pdl1exp.tracking import log_frame, setup, tracked_run
 from tests.test_tuning import model_cfg, table
-
-pytestmark = pytest.mark.postgres
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # Waits for a server or the heartbeat to act: generous, never part of a result.
@@ -96,6 +94,7 @@ def complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
+@pytest.mark.postgres
 def test_two_workers_share_the_budget_and_one_finalizes(postgres_url: str,
                                                         tmp_path: Path) -> None:
     n_trials = 12
@@ -113,6 +112,7 @@ def test_two_workers_share_the_budget_and_one_finalizes(postgres_url: str,
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
 
 
+@pytest.mark.postgres
 def test_a_worker_killed_mid_trial_loses_nothing_and_its_trial_is_retried(
         postgres_url: str, tmp_path: Path) -> None:
     n_trials, cv_folds, done_before_kill = 6, 3, 2
@@ -187,6 +187,7 @@ def mlflow_server(postgres_url: str, tmp_path: Path):
     mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.postgres
 def test_runs_models_and_aliases_round_trip_through_an_mlflow_server(mlflow_server: str) -> None:
     rng = np.random.default_rng(0)
     frame = pd.DataFrame({"age": rng.normal(65, 8, 40), "size_mm": rng.normal(30, 9, 40)})
@@ -209,3 +210,22 @@ def test_runs_models_and_aliases_round_trip_through_an_mlflow_server(mlflow_serv
     assert client.get_model_version_by_alias("server-model", CHAMPION).version == version.version
     served = mlflow.pyfunc.load_model("models:/server-model@champion").predict(frame)
     np.testing.assert_allclose(served["probability"], model.predict_proba(frame)[:, 1])
+
+
+def test_roles_on_sqlite_a_worker_only_runs_trials_and_the_finalizer_claims(
+        tmp_path: Path) -> None:
+    kwargs = sweep_kwargs(f"sqlite:///{tmp_path}/optuna.db", n_trials=4)
+    worker = {**kwargs, "tuning_cfg": {**kwargs["tuning_cfg"], "role": "worker"}}
+    with pytest.raises(WorkerDone, match=r"trials complete: lr 4/4 \(4 here\); another"):
+        tune_classifier(**worker)
+    with pytest.raises(WorkerDone, match=r"lr 4/4 \(0 here\)"):  # nothing left to run
+        tune_classifier(**worker)
+    result = tune_classifier(**kwargs)  # auto: claims the finalization, runs no trial
+    assert result.n_trials == 4
+    claim = optuna.load_study(study_name="shared:finalizer", storage=kwargs["storage"])
+    assert claim.user_attrs["pid"] == os.getpid()
+    assert claim.user_attrs["done"] is not None
+    again = tune_classifier(**kwargs)  # the same process may finalize again (a rerun)
+    assert again.best_params == result.best_params
+    with pytest.raises(ValueError, match=r"tuning\.role='boss'"):
+        tune_classifier(**{**kwargs, "tuning_cfg": {**kwargs["tuning_cfg"], "role": "boss"}})
