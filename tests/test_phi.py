@@ -109,6 +109,7 @@ def test_the_pipeline_leaks_no_canary(tmp_path: Path) -> None:
     manifest = generator.write()
     for folder in (manifest.parent / "images").iterdir():
         add_canaries(folder)
+        assert len(leaks(next(folder.glob("*.dcm")).read_bytes())) == len(needles())
     out = tmp_path / "out"
     clinical = cfg.dataset.clinical
     overrides = [
