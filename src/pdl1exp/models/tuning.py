@@ -29,6 +29,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from tqdm.auto import tqdm
 
@@ -238,17 +239,37 @@ def open_storage(url: str | None, tuning_cfg: Mapping[str, Any]) -> RDBStorage |
     if url is None:
         return None
     _ensure_sqlite_folder(url)
-    with warnings.catch_warnings():
+    options = {
+        "engine_kwargs": {"pool_pre_ping": True},  # survive a database restart
+        "heartbeat_interval": tuning_cfg["heartbeat_interval"],
+        "grace_period": tuning_cfg["grace_period"],
+        "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(
+            max_retry=tuning_cfg["max_retry"]
+        ),
+    }
+    with warnings.catch_warnings(), _schema_lock(url):
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return RDBStorage(
-            url,
-            engine_kwargs={"pool_pre_ping": True},  # survive a database restart
-            heartbeat_interval=tuning_cfg["heartbeat_interval"],
-            grace_period=tuning_cfg["grace_period"],
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                max_retry=tuning_cfg["max_retry"]
-            ),
-        )
+        return RDBStorage(url, **options)
+
+
+@contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """Hold a PostgreSQL advisory lock while Optuna creates its tables: workers started
+    together on an empty database would otherwise race to create the same types."""
+    if make_url(url).get_backend_name() != "postgresql":
+        yield
+        return
+    engine = create_engine(url)
+    key = {"key": zlib.crc32(b"pdl1exp: optuna schema")}
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), key)
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), key)
+    finally:
+        engine.dispose()
 
 
 def _check_role(tuning_cfg: Mapping[str, Any]) -> str:
