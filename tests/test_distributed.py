@@ -22,7 +22,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pdl1exp.models.selected import SelectedModel
-from pdl1exp.models.tuning import WorkerDone, open_storage, tune_classifier
+from pdl1exp.models.tuning import WorkerDone, open_storage, study_settings, tune_classifier
 from pdl1exp.promote import promote
 from pdl1exp.serving import CANDIDATE, CHAMPION, PREDICTIONS_FILE, log_selected_model
 from pdl1exp.tracking import log_frame, setup, tracked_run
@@ -229,3 +229,12 @@ def test_roles_on_sqlite_a_worker_only_runs_trials_and_the_finalizer_claims(
     assert again.best_params == result.best_params
     with pytest.raises(ValueError, match=r"tuning\.role='boss'"):
         tune_classifier(**{**kwargs, "tuning_cfg": {**kwargs["tuning_cfg"], "role": "boss"}})
+
+
+def test_study_names_hash_what_changes_results_not_how_the_sweep_runs() -> None:
+    tuning = sweep_kwargs(None, n_trials=4)["tuning_cfg"]
+    runtime = {**tuning, "role": "worker", "storage": "postgresql+psycopg://h/db",
+               "n_jobs": 8, "heartbeat_interval": 5, "grace_period": 20, "max_retry": 1}
+    assert study_settings(runtime) == study_settings(tuning)
+    assert study_settings({**tuning, "n_trials": 5}) != study_settings(tuning)
+    assert "sampler" in study_settings(tuning)

@@ -44,6 +44,7 @@ __all__ = [
     "open_storage",
     "prepare_folds",
     "select_best",
+    "study_settings",
     "sweep",
     "tune_classifier",
 ]
@@ -55,6 +56,18 @@ T = TypeVar("T")
 ROLES = ("auto", "worker", "finalize")
 # When this process started: a finished sweep's claim is taken over by a later command only.
 _STARTED = time.time()
+
+
+# Settings of how (and where) a sweep runs, not of what it finds: processes that differ in
+# them must share one study. n_jobs only spreads a trial's folds over threads.
+_RUNTIME_SETTINGS = ("storage", "role", "heartbeat_interval", "grace_period", "max_retry",
+                     "n_jobs")
+
+
+def study_settings(tuning_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The tuning settings that change a sweep's result: what a study's name must hash, so
+    that workers with different ``tuning.role``, storage or ``n_jobs`` join the same study."""
+    return {k: v for k, v in tuning_cfg.items() if k not in _RUNTIME_SETTINGS}
 
 
 class WorkerDone(Exception):  # noqa: N818 - an outcome, not an error
