@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -64,3 +65,28 @@ def smoke_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DictCon
     GlobalHydra.instance().clear()
     run(cfg)
     return root, cfg
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database (SQLAlchemy URL) on the server named by
+    ``$PDL1EXP_TEST_POSTGRES_URL``, dropped afterwards; skips saying why without one."""
+    import uuid
+
+    import sqlalchemy
+
+    url = os.environ.get("PDL1EXP_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("PDL1EXP_TEST_POSTGRES_URL is not set (.ci/run sets it up)")
+    admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    name = f"pdl1exp_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    except sqlalchemy.exc.OperationalError as err:
+        admin.dispose()
+        pytest.skip(f"no PostgreSQL server at PDL1EXP_TEST_POSTGRES_URL: {err.orig}")
+    yield sqlalchemy.make_url(url).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as connection:
+        connection.execute(sqlalchemy.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    admin.dispose()

@@ -140,7 +140,7 @@ def test_missing_columns_are_listed(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"label or pdl1_tps.*mask or seed"):
         load_cohort(path)
     path = _write(tmp_path, [_good_row(tmp_path, "A")])
-    with pytest.raises(ValueError, match=r"absent: \['smoking'\]"):
+    with pytest.raises(CohortError, match=r"'smoking': named in dataset.clinical but absent"):
         load_cohort(path, categorical=["smoking"])
 
 

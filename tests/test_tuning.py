@@ -182,7 +182,9 @@ tune_classifier(**kwargs)
 def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
     n_trials, cv_folds, done_before_kill = 8, 3, 2
     X, y = table(seed=4, n=60, p=8, n_planted=2)
-    cfg = model_cfg("lr", "none", n_trials=n_trials, cv_folds=cv_folds)
+    # The killed trial goes stale after 2 s without heartbeat (the resumed sweep waits for it).
+    cfg = model_cfg("lr", "none", n_trials=n_trials, cv_folds=cv_folds,
+                    heartbeat_interval=1, grace_period=2)
     cfg["tuning"]["pruner"] = {"_target_": "optuna.pruners.NopPruner"}
     db = tmp_path / "optuna.db"
     kwargs = {
@@ -268,7 +270,8 @@ def test_sweep_names_studies_and_select_best_uses_cv_auc(tmp_path):
     storage = f"sqlite:///{tmp_path}/sub/optuna.db"  # the folder is created
     results = sweep(X, y, **two_classifier_search(), storage=storage, study_name="exp")
     assert list(results) == ["lr", "knn"]
-    assert sorted(optuna.get_all_study_names(storage)) == ["exp/knn", "exp/lr"]
+    # One study per classifier, and the sweep's finalization claim.
+    assert sorted(optuna.get_all_study_names(storage)) == ["exp/knn", "exp/lr", "exp:finalizer"]
     best = select_best(results.values())
     assert best.cv_auc == max(result.cv_auc for result in results.values())
     assert select_best(reversed(list(results.values()))).cv_auc == best.cv_auc

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from pdl1exp.cli import user_errors
 from pdl1exp.data.tcia import TciaLayout, build_manifest
 
 __all__ = ["layout", "main"]
@@ -48,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@user_errors("cohort")
 def main(argv: Sequence[str] | None = None) -> int:
     """Build the manifest, print what was left out and why; 1 when no patient is usable."""
     args = _parser().parse_args(argv)

@@ -13,6 +13,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from pdl1exp.data.load import cohort_stage
@@ -47,6 +48,7 @@ from pdl1exp.models.fitting import fit_feature_sets
 from pdl1exp.models.nested import nested_estimates
 from pdl1exp.models.results import Fitted, ModelResult, held_out_frame
 from pdl1exp.models.selected import SelectedModel
+from pdl1exp.models.tuning import WorkerDone
 from pdl1exp.reporting import write_outputs
 from pdl1exp.serving import PREDICTIONS_FILE, log_selected_model
 from pdl1exp.tracking import (
@@ -239,101 +241,111 @@ def run(cfg: DictConfig) -> float:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     setup(cfg.tracking.uri, cfg.tracking.experiment)
     tags = {**environment_tags(), "config_hash": content_key(resolved), "experiment": cfg.name}
-    with tracked_run(cfg.name, tags=tags):
-        log_params(resolved)
-        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        cohort = cohort_stage(cfg)
-        mlflow.set_tag("data_hash", cohort.data_hash)
-        log_cohort(cohort.table[["label", *cohort.clinical]], name=cfg.dataset.name,
-                   digest=cohort.data_hash, target="label")
-        rois, roi_problems = roi_stage(cfg, cohort)
-        problems = cohort.problems + roi_problems
-        _log_qc(cfg, rois)
-        radiomics = None
-        if {"radiomics", "dlr+radiomics"} & set(cfg.feature_sets):
-            radiomics = _radiomics(cfg, rois)
-            if radiomics.problems and cfg.dataset.on_error == "raise":
-                raise CohortError(cohort.source, radiomics.problems)
-            problems += radiomics.problems
-            rois = rois.loc[rois.index.isin(radiomics.table.index)]
-        if problems:
-            log_frame(problems_table(problems), "excluded_patients.csv")
-        table = cohort.table.loc[rois.index].join(rois[list(ROI_DESCRIPTORS)])
-        y = table["label"]
-        splits = assign_splits(table, test_size=cfg.dataset.test_size, seed=cfg.seed)
-        log_frame(pd.DataFrame({"split": splits, "label": y}), "splits.csv", index=True)
-        mlflow.log_metrics({f"n_{s}": int((splits == s).sum()) for s in splits.unique()})
+    try:
+        with tracked_run(cfg.name, tags=tags) as parent:
+            return _experiment(cfg, tags)
+    except WorkerDone:  # this process only helped another one's sweep: leave no run behind
+        MlflowClient().delete_run(parent.info.run_id)
+        raise
 
-        features: dict[str, pd.DataFrame] = {}
-        extraction = None
-        if {"dlr", "dlr+radiomics"} & set(cfg.feature_sets):
-            extraction = _deep_features(cfg, rois, y, splits)
-            features["dlr"] = extraction.table.loc[rois.index].filter(like=DEEP_PREFIX, axis=1)
-        if radiomics is not None:
-            features["radiomics"] = radiomics.table.loc[rois.index]
-        if "dlr+radiomics" in cfg.feature_sets:  # early fusion: one selection over both
-            features["dlr+radiomics"] = features["dlr"].join(features["radiomics"])
-        features = {f: X for f, X in features.items() if f in cfg.feature_sets}
-        chain = {"feature_sets": list(cfg.feature_sets),
-                 "combined_signatures": list(cfg.combined_signatures),
-                 "numeric": cohort.numeric, "categorical": cohort.categorical,
-                 "log": list(cfg.dataset.clinical.log),
-                 "clinical": _plain(cfg, "clinical"), "classifiers": _plain(cfg, "classifier"),
-                 "selection": _plain(cfg, "selection"), "tuning": _plain(cfg, "tuning"),
-                 "study_prefix": cfg.name, "seed": cfg.seed,
-                 "selection_inputs": _selection_inputs(cfg, rois, table["center"],
-                                                       splits.index[splits == "train"])}
-        fitted = fit_feature_sets(table, features, splits, **chain)
-        ev = cfg.evaluation
-        raw = fitted.primary(ev.primary)
-        fitted.swap(raw, recalibrate(raw, y, method=ev.recalibrate))
-        nested = None
-        if cfg.tuning.protocol == "nested":
-            nested = _nested(cfg, table.loc[splits == "train"], features, chain)
-        metrics = pd.concat([evaluate(m, y, n_boot=ev.n_boot, level=ev.level, seed=cfg.seed,
-                                      proportion_ci=ev.proportion_ci)
-                             for m in fitted.models], ignore_index=True)
-        log_frame(metrics, "metrics.csv")
-        delong = prespecified_delong(fitted, y)
-        log_frame(delong, "delong_tests.csv")
-        log_frame(delong_table(fitted.models, y), "delong_tests_exploratory.csv")
-        for model in fitted.models:
-            rows = metrics[(metrics.feature_set == model.feature_set)
-                           & (metrics.classifier == model.classifier)]
-            _log_child(model, rows, tags)
-        primary = fitted.primary(ev.primary)
-        rows = metrics[(metrics.feature_set == primary.feature_set)
-                       & (metrics.classifier == primary.classifier)]
-        mlflow.log_metrics(split_metrics(rows))
-        mlflow.set_tags({"best_feature_set": primary.feature_set,
-                         "best_classifier": primary.classifier,
-                         "recalibration": ev.recalibrate})
-        if fitted.chosen:
-            first = fitted.chosen.get(primary.feature_set) or next(iter(fitted.chosen.values()))
-            log_frame(selected_features(first.model), "selected_features.csv")
-        for feature_set, model in fitted.chosen.items():  # the reproducibility filter's ICCs
-            icc = getattr(model.model.named_steps.get("icc"), "icc_", None)
-            if icc is not None:
-                log_frame(icc, f"icc_{feature_set}.csv")
-        folder = _run_folder()
-        explained = _explain(cfg, rois, splits, fitted, extraction, folder) if extraction else []
-        write_outputs(cfg, cohort=cohort, table=table, splits=splits, fitted=fitted,
-                      primary=primary, metrics=metrics, delong=delong, nested=nested,
-                      versions={**tags, "data_hash": cohort.data_hash}, folder=folder,
-                      explained=explained)
-        selected = _selected_model(primary, fitted, cohort.clinical,
-                                   list(cfg.combined_signatures), cfg.clinical.signature_clip)
-        log_frame(held_out_frame(primary, y), PREDICTIONS_FILE)
-        columns = pd.concat(features.values(), axis=1) if features else None
-        inputs = table if columns is None else table.join(
-            columns.loc[:, ~columns.columns.duplicated()])
-        identity = extractor_identity(cfg, extraction) if extraction else {}
-        if radiomics is not None:  # predict recomputes the radiomics with these
-            identity |= {k: _plain(cfg, k) for k in ("radiomics", "segmentation")}
-        log_selected_model(selected, example=inputs.loc[splits == "train"],
-                           extractor=identity,
-                           registered_model=cfg.tracking.registered_model,
-                           target=cohort.target_name)
-        log.info("Primary model %s: training CV AUC %.3f; metrics in MLflow run %s",
-                 primary.name, primary.cv_auc, mlflow.active_run().info.run_id)
-        return float(primary.cv_auc)
+
+def _experiment(cfg: DictConfig, tags: dict[str, str]) -> float:
+    """The stages in order, inside the parent run."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    log_params(resolved)
+    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    cohort = cohort_stage(cfg)
+    mlflow.set_tag("data_hash", cohort.data_hash)
+    log_cohort(cohort.table[["label", *cohort.clinical]], name=cfg.dataset.name,
+               digest=cohort.data_hash, target="label")
+    rois, roi_problems = roi_stage(cfg, cohort)
+    problems = cohort.problems + roi_problems
+    _log_qc(cfg, rois)
+    radiomics = None
+    if {"radiomics", "dlr+radiomics"} & set(cfg.feature_sets):
+        radiomics = _radiomics(cfg, rois)
+        if radiomics.problems and cfg.dataset.on_error == "raise":
+            raise CohortError(cohort.source, radiomics.problems)
+        problems += radiomics.problems
+        rois = rois.loc[rois.index.isin(radiomics.table.index)]
+    if problems:
+        log_frame(problems_table(problems), "excluded_patients.csv")
+    table = cohort.table.loc[rois.index].join(rois[list(ROI_DESCRIPTORS)])
+    y = table["label"]
+    splits = assign_splits(table, test_size=cfg.dataset.test_size, seed=cfg.seed)
+    log_frame(pd.DataFrame({"split": splits, "label": y}), "splits.csv", index=True)
+    mlflow.log_metrics({f"n_{s}": int((splits == s).sum()) for s in splits.unique()})
+
+    features: dict[str, pd.DataFrame] = {}
+    extraction = None
+    if {"dlr", "dlr+radiomics"} & set(cfg.feature_sets):
+        extraction = _deep_features(cfg, rois, y, splits)
+        features["dlr"] = extraction.table.loc[rois.index].filter(like=DEEP_PREFIX, axis=1)
+    if radiomics is not None:
+        features["radiomics"] = radiomics.table.loc[rois.index]
+    if "dlr+radiomics" in cfg.feature_sets:  # early fusion: one selection over both
+        features["dlr+radiomics"] = features["dlr"].join(features["radiomics"])
+    features = {f: X for f, X in features.items() if f in cfg.feature_sets}
+    chain = {"feature_sets": list(cfg.feature_sets),
+             "combined_signatures": list(cfg.combined_signatures),
+             "numeric": cohort.numeric, "categorical": cohort.categorical,
+             "log": list(cfg.dataset.clinical.log),
+             "clinical": _plain(cfg, "clinical"), "classifiers": _plain(cfg, "classifier"),
+             "selection": _plain(cfg, "selection"), "tuning": _plain(cfg, "tuning"),
+             "study_prefix": cfg.name, "seed": cfg.seed,
+             "selection_inputs": _selection_inputs(cfg, rois, table["center"],
+                                                   splits.index[splits == "train"])}
+    fitted = fit_feature_sets(table, features, splits, **chain)
+    ev = cfg.evaluation
+    raw = fitted.primary(ev.primary)
+    fitted.swap(raw, recalibrate(raw, y, method=ev.recalibrate))
+    nested = None
+    if cfg.tuning.protocol == "nested":
+        nested = _nested(cfg, table.loc[splits == "train"], features, chain)
+    metrics = pd.concat([evaluate(m, y, n_boot=ev.n_boot, level=ev.level, seed=cfg.seed,
+                                  proportion_ci=ev.proportion_ci)
+                         for m in fitted.models], ignore_index=True)
+    log_frame(metrics, "metrics.csv")
+    delong = prespecified_delong(fitted, y)
+    log_frame(delong, "delong_tests.csv")
+    log_frame(delong_table(fitted.models, y), "delong_tests_exploratory.csv")
+    for model in fitted.models:
+        rows = metrics[(metrics.feature_set == model.feature_set)
+                       & (metrics.classifier == model.classifier)]
+        _log_child(model, rows, tags)
+    primary = fitted.primary(ev.primary)
+    rows = metrics[(metrics.feature_set == primary.feature_set)
+                   & (metrics.classifier == primary.classifier)]
+    mlflow.log_metrics(split_metrics(rows))
+    mlflow.set_tags({"best_feature_set": primary.feature_set,
+                     "best_classifier": primary.classifier,
+                     "recalibration": ev.recalibrate})
+    if fitted.chosen:
+        first = fitted.chosen.get(primary.feature_set) or next(iter(fitted.chosen.values()))
+        log_frame(selected_features(first.model), "selected_features.csv")
+    for feature_set, model in fitted.chosen.items():  # the reproducibility filter's ICCs
+        icc = getattr(model.model.named_steps.get("icc"), "icc_", None)
+        if icc is not None:
+            log_frame(icc, f"icc_{feature_set}.csv")
+    folder = _run_folder()
+    explained = _explain(cfg, rois, splits, fitted, extraction, folder) if extraction else []
+    write_outputs(cfg, cohort=cohort, table=table, splits=splits, fitted=fitted,
+                  primary=primary, metrics=metrics, delong=delong, nested=nested,
+                  versions={**tags, "data_hash": cohort.data_hash}, folder=folder,
+                  explained=explained)
+    selected = _selected_model(primary, fitted, cohort.clinical,
+                               list(cfg.combined_signatures), cfg.clinical.signature_clip)
+    log_frame(held_out_frame(primary, y), PREDICTIONS_FILE)
+    columns = pd.concat(features.values(), axis=1) if features else None
+    inputs = table if columns is None else table.join(
+        columns.loc[:, ~columns.columns.duplicated()])
+    identity = extractor_identity(cfg, extraction) if extraction else {}
+    if radiomics is not None:  # predict recomputes the radiomics with these
+        identity |= {k: _plain(cfg, k) for k in ("radiomics", "segmentation")}
+    log_selected_model(selected, example=inputs.loc[splits == "train"],
+                       extractor=identity,
+                       registered_model=cfg.tracking.registered_model,
+                       target=cohort.target_name)
+    log.info("Primary model %s: training CV AUC %.3f; metrics in MLflow run %s",
+             primary.name, primary.cv_auc, mlflow.active_run().info.run_id)
+    return float(primary.cv_auc)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import DataType
 from omegaconf import DictConfig, OmegaConf
 
+from pdl1exp.cli import run_command, user_errors
 from pdl1exp.data.load import cohort_stage
 from pdl1exp.data.manifest import CohortError, Problem, problems_table
 from pdl1exp.evaluation import delong_ci
@@ -160,13 +160,16 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
-def main(cfg: DictConfig) -> None:
+@user_errors("predict", ExtractorMismatchError)
+def command(cfg: DictConfig) -> None:
     """Score; exit non-zero with the reason when the manifest or the model cannot be used."""
     logging.getLogger("pdl1exp").setLevel(cfg.log_level)
-    try:
-        predict(cfg)
-    except (CohortError, ExtractorMismatchError) as err:
-        sys.exit(f"predict: {err}")
+    predict(cfg)
+
+
+def main() -> None:
+    """``python -m pdl1exp.predict``: a user error prints its message alone and exits 2."""
+    run_command(command)
 
 
 if __name__ == "__main__":

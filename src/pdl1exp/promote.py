@@ -13,7 +13,6 @@ and its numbers are written on the candidate version (tags and description) and 
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 
 import hydra
@@ -25,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from scipy import stats
 
+from pdl1exp.cli import run_command, user_errors
 from pdl1exp.evaluation import delong_ci, delong_test, delong_test_unpaired
 from pdl1exp.paths import CONFIG_DIR
 from pdl1exp.serving import CANDIDATE, CHAMPION, held_out_predictions
@@ -155,15 +155,18 @@ def promote(*, name: str, alpha: float, require_higher_auc: bool = True,
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="promote")
-def main(cfg: DictConfig) -> None:
+@user_errors("promote", LookupError)
+def command(cfg: DictConfig) -> None:
     """Promote (or not) and exit non-zero when there is nothing to promote."""
     logging.getLogger("pdl1exp").setLevel(cfg.log_level)
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    try:
-        promote(name=cfg.registry.name, alpha=cfg.promote.alpha,
-                require_higher_auc=cfg.promote.require_higher_auc, dry_run=cfg.promote.dry_run)
-    except LookupError as err:
-        sys.exit(f"promote: {err}")
+    promote(name=cfg.registry.name, alpha=cfg.promote.alpha,
+            require_higher_auc=cfg.promote.require_higher_auc, dry_run=cfg.promote.dry_run)
+
+
+def main() -> None:
+    """``python -m pdl1exp.promote``: a user error prints its message alone and exits 2."""
+    run_command(command)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import SimpleITK as sitk
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from pdl1exp.cli import run_command, user_errors
 from pdl1exp.data.images import read_image
 from pdl1exp.data.manifest import dataset_options, load_cohort
 from pdl1exp.imaging.measurements import roi_measurements
@@ -91,7 +92,8 @@ def segment_cohort(cfg: DictConfig) -> pd.DataFrame:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="segment")
-def main(cfg: DictConfig) -> None:
+@user_errors("segment")
+def command(cfg: DictConfig) -> None:
     """Segment, print the summary, and exit non-zero when any segmentation failed."""
     logging.getLogger("pdl1exp").setLevel(cfg.log_level)
     summary = segment_cohort(cfg)
@@ -99,6 +101,11 @@ def main(cfg: DictConfig) -> None:
     print(f"\nmasks, QC figures and manifest.csv written to {cfg.output_dir}")
     if (summary["status"] != "ok").any():
         sys.exit(1)
+
+
+def main() -> None:
+    """``python -m pdl1exp.segment``: a user error prints its message alone and exits 2."""
+    run_command(command)
 
 
 if __name__ == "__main__":

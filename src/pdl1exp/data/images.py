@@ -25,12 +25,14 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "ImageReadError",
     "geometry_mismatch",
+    "label_problem",
     "read_image",
     "write_image",
 ]
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 _CHUNK = 1 << 20
+_DICOM_MAGIC_END = 132  # a DICOM file: a 128-byte preamble, then b"DICM"
 
 # ITK prints its own warnings to stderr; we raise our own errors that name the file instead.
 sitk.ProcessObject.SetGlobalWarningDisplay(False)
@@ -46,12 +48,14 @@ def _suffix(path: Path) -> str:
 
 
 def _check_nifti_complete(path: Path) -> None:
-    """Fail on a NIfTI whose data block is shorter than its header promises."""
+    """Fail on a NIfTI whose data block is shorter than its header promises, or whose
+    floating-point data holds NaN/infinity (ITK's reader would turn them into zeros)."""
     try:
-        header = nib.load(str(path)).header
+        nifti = nib.load(str(path))
     except Exception as err:
         msg = f"{path}: not a readable NIfTI header ({err})"
         raise ImageReadError(msg) from err
+    header = nifti.header
     expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * int(
         header.get_data_dtype().itemsize)
     if _suffix(path) == ".nii.gz":
@@ -67,6 +71,53 @@ def _check_nifti_complete(path: Path) -> None:
         size = path.stat().st_size
     if size < expected:
         msg = f"{path}: truncated NIfTI ({size} bytes of data, header needs {expected})"
+        raise ImageReadError(msg)
+    if np.issubdtype(header.get_data_dtype(), np.floating):
+        _check_finite(path, np.asanyarray(nifti.dataobj))
+
+
+def _check_header_size(path: Path) -> None:
+    """Fail on a header that claims more voxels than this machine's memory holds, before
+    ITK tries to allocate them."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    size = reader.GetSize()
+    one = sitk.Image([1] * len(size), reader.GetPixelID(), reader.GetNumberOfComponents())
+    needed = int(np.prod(size, dtype=np.float64)) * sitk.GetArrayViewFromImage(one).nbytes
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): ITK will tell
+        return
+    if needed > memory:
+        msg = (f"{path}: the header claims {' x '.join(map(str, size))} voxels "
+               f"({needed / 2**30:.0f} GiB), more than this machine's memory")
+        raise ImageReadError(msg)
+
+
+def _check_finite(path: Path, voxels: np.ndarray) -> None:
+    if np.issubdtype(voxels.dtype, np.floating) and not np.isfinite(voxels).all():
+        msg = f"{path}: {int((~np.isfinite(voxels)).sum())} voxel(s) are NaN or infinite"
+        raise ImageReadError(msg)
+
+
+def _check_dicom_files(folder: Path) -> None:
+    """Fail on a DICOM file of ``folder`` (``.dcm`` or with the DICM magic; not DICOMDIR)
+    that GDCM could not parse (truncated, corrupt): GDCM leaves it out of every series, and
+    the series would be read without that slice."""
+    reader = sitk.ImageSeriesReader
+    parsed = {Path(f).resolve() for uid in reader.GetGDCMSeriesIDs(str(folder))
+              for f in reader.GetGDCMSeriesFileNames(str(folder), uid)}
+    broken = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != "DICOMDIR" and path.resolve() not in parsed:
+            with path.open("rb") as stream:
+                magic = stream.read(_DICOM_MAGIC_END)[_DICOM_MAGIC_END - 4:] == b"DICM"
+            if magic or path.suffix.lower() == ".dcm":
+                broken.append(path.name)
+    if broken:
+        msg = (f"{len(broken)} unreadable (truncated or corrupt) DICOM file(s): "
+               f"{', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}")
         raise ImageReadError(msg)
 
 
@@ -108,6 +159,7 @@ def read_image(path: str | Path) -> sitk.Image:
         raise ImageReadError(msg)
     if path.is_dir():
         try:
+            _check_dicom_files(path)
             image = _read_dicom_series(path)
         except (RuntimeError, OSError, InvalidDicomError) as err:
             msg = f"{path}: unreadable DICOM series ({str(err).splitlines()[-1][:200]})"
@@ -117,9 +169,11 @@ def read_image(path: str | Path) -> sitk.Image:
         if suffix not in IMAGE_SUFFIXES:
             msg = f"{path}: unsupported image format {suffix!r}; use one of {IMAGE_SUFFIXES}"
             raise ImageReadError(msg)
-        if suffix in (".nii", ".nii.gz"):
-            _check_nifti_complete(path)
         try:
+            if suffix in (".nii", ".nii.gz"):
+                _check_nifti_complete(path)
+            else:
+                _check_header_size(path)
             image = sitk.ReadImage(str(path))
         except RuntimeError as err:
             msg = f"{path}: unreadable or truncated image ({str(err).splitlines()[-1][:200]})"
@@ -127,7 +181,23 @@ def read_image(path: str | Path) -> sitk.Image:
     if image.GetDimension() != 3:
         msg = f"{path}: expected a 3-D volume, got {image.GetDimension()}-D"
         raise ImageReadError(msg)
+    _check_finite(path, sitk.GetArrayViewFromImage(image))
     return _strip_metadata(image)
+
+
+def label_problem(mask: sitk.Image) -> str | None:
+    """Why ``mask`` is not a label image (one integer label per voxel), or None when it is.
+
+    A probability map or an RGB picture is refused rather than thresholded silently.
+    """
+    if mask.GetNumberOfComponentsPerPixel() != 1:
+        return (f"a label image has one value per voxel, this one has "
+                f"{mask.GetNumberOfComponentsPerPixel()} ({mask.GetPixelIDTypeAsString()})")
+    voxels = sitk.GetArrayViewFromImage(mask)
+    if np.issubdtype(voxels.dtype, np.floating) and (voxels != np.round(voxels)).any():
+        return (f"non-integer values in a {mask.GetPixelIDTypeAsString()} mask (a probability "
+                "map?): save the labels as integers (non-zero = tumour)")
+    return None
 
 
 def geometry_mismatch(image: sitk.Image, mask: sitk.Image, *, tolerance_mm: float) -> str | None:

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,7 +34,13 @@ import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
 from pdl1exp.data.dicom_masks import DicomMask, DicomMaskError, open_dicom_mask, rasterise
-from pdl1exp.data.images import ImageReadError, geometry_mismatch, read_image, write_image
+from pdl1exp.data.images import (
+    ImageReadError,
+    geometry_mismatch,
+    label_problem,
+    read_image,
+    write_image,
+)
 from pdl1exp.data.series import SERIES_RULES, choose_series, image_series
 from pdl1exp.data.target import DEFAULT_TARGET_NAME, Target
 from pdl1exp.hashing import content_key, file_digest
@@ -141,7 +148,20 @@ def _read_table(path: Path) -> pd.DataFrame:
     if path.suffix.lower() in (".parquet", ".pq"):
         table = pd.read_parquet(path)
     else:
-        table = pd.read_csv(path, dtype={"patient_id": str}, keep_default_na=True)
+        try:
+            with warnings.catch_warnings():
+                # index_col=False and this: a row with extra fields is an error, never a
+                # silent shift of the columns or a loss of fields
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                table = pd.read_csv(path, dtype={"patient_id": str}, keep_default_na=True,
+                                    index_col=False)
+        except UnicodeDecodeError as err:
+            reason = (f"not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                      f"{err.start}): save the manifest as UTF-8 CSV")
+            raise CohortError(path, [Problem("-", "-", reason)]) from None
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, pd.errors.ParserWarning) as err:
+            reason = f"not a readable CSV ({str(err).strip()})"
+            raise CohortError(path, [Problem("-", "-", reason)]) from None
     table.columns = [str(c).strip() for c in table.columns]
     return table
 
@@ -285,7 +305,8 @@ def _check_images(pid: str, image_path: Path, mask_path: Path | None,
         except (ImageReadError, DicomMaskError) as err:
             check.problems.append(Problem(pid, "mask", str(err)))
         if mask is not None:
-            mismatch = geometry_mismatch(image, mask, tolerance_mm=tolerance_mm)
+            mismatch = label_problem(mask) or geometry_mismatch(image, mask,
+                                                                tolerance_mm=tolerance_mm)
             if mismatch:
                 check.problems.append(Problem(pid, "mask", f"{mask_path}: {mismatch}"))
             elif not sitk.GetArrayViewFromImage(mask).any():
@@ -385,11 +406,16 @@ def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
         missing.append("mask or seed")
     absent = [c for c in [*numeric, *categorical] if c not in table.columns]
     if missing or absent:
-        detail = [f"required column(s) missing: {missing}"] if missing else []
+        present = f"columns present: {list(table.columns)}"
+        if len(table.columns) == 1 and (delimiter := next(
+                (d for d in ";\t|" if d in table.columns[0]), None)):
+            present += f" (the file looks {delimiter!r}-delimited: save it comma-separated)"
+        problems = [Problem("-", ", ".join(missing), f"required column(s) missing; {present}")
+                    ] if missing else []
         if absent:
-            detail.append(f"clinical column(s) named in dataset.clinical but absent: {absent}")
-        msg = f"{source}: " + "; ".join(detail) + f". Columns present: {list(table.columns)}"
-        raise ValueError(msg)
+            problems.append(Problem("-", ", ".join(absent),
+                                    f"named in dataset.clinical but absent; {present}"))
+        raise CohortError(source, problems)
 
     problems: list[Problem] = []
     table["patient_id"] = [
@@ -476,8 +502,8 @@ def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
     frame = frame.set_index("patient_id")
     frame["label"] = frame["label"].astype(int)
     if require_label and frame["label"].nunique() < 2:
-        msg = f"{source}: every usable patient has label {frame['label'].iloc[0]}; need both"
-        raise ValueError(msg)
+        reason = f"every usable patient has label {frame['label'].iloc[0]}; need both"
+        raise CohortError(source, [*problems, Problem("-", "label", reason)])
     return Cohort(table=frame, numeric=list(numeric),
                   categorical=list(categorical), source=source,
                   data_hash=_data_hash(frame, [*numeric, *categorical]), problems=problems,

@@ -18,7 +18,13 @@ from pdl1exp.evaluation import delong_ci, youden_threshold
 from pdl1exp.hashing import content_key, frame_digest
 from pdl1exp.models.clinical import clinical_pipeline, out_of_fold, signature, signature_column
 from pdl1exp.models.results import Fitted, ModelResult, split_probas
-from pdl1exp.models.tuning import TuningResult, select_best, sweep
+from pdl1exp.models.tuning import (
+    TuningResult,
+    WorkerDone,
+    select_best,
+    study_settings,
+    sweep,
+)
 
 __all__ = [
     "combined_table",
@@ -147,6 +153,10 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
         seed: CV seed of the logistic models.
         selection_inputs: runtime data of the selection steps (ICC replicates, ComBat
             batches).
+
+    Raises:
+        WorkerDone: with ``tuning.role`` worker (or a lost claim), after running this
+            process's share of every sweep: another process finalizes.
     """
     y, centers = table["label"], table["center"]
     train = splits.index[splits == "train"]
@@ -156,18 +166,26 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
         fitted.models.append(logistic_model("clinical", table, y, splits, centers,
                                             numeric=numeric, categorical=categorical,
                                             **logistic))
+    done: list[str] = []  # sweeps this process only helped with (tuning.role)
     for feature_set in (f for f in feature_sets if f in features):
         X = features[feature_set]
         study = content_key({"features": frame_digest(X.loc[train]), "train": sorted(train),
                              "labels": y.loc[train].tolist(), "selection": selection,
                              "classifiers": classifiers,
-                             "tuning": {k: v for k, v in tuning.items() if k != "storage"}})
-        models = image_models(feature_set, X, y, splits, centers, classifiers=classifiers,
-                              selection=selection, tuning=tuning,
-                              study_name=f"{study_prefix}/{feature_set}/{study}",
-                              selection_inputs=selection_inputs)
+                             "tuning": study_settings(tuning)})
+        try:
+            models = image_models(feature_set, X, y, splits, centers, classifiers=classifiers,
+                                  selection=selection, tuning=tuning,
+                                  study_name=f"{study_prefix}/{feature_set}/{study}",
+                                  selection_inputs=selection_inputs)
+        except WorkerDone as worker:  # another process finalizes: help on the next set
+            done.append(str(worker))
+            tuning = {**tuning, "role": "worker"}
+            continue
         fitted.models.extend(models)
         fitted.chosen[feature_set] = select_best(models)
+    if done:
+        raise WorkerDone(" | ".join(done))
     if "combined" in feature_sets:
         chosen = {f: fitted.chosen[f] for f in combined_signatures}
         fitted.combined_table = combined_table(table, chosen, clip=clinical["signature_clip"])

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import socket
 import time
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +24,9 @@ import numpy as np
 import optuna
 import pandas as pd
 from hydra.utils import instantiate
+from joblib import Parallel, delayed
+from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from sklearn.base import ClassifierMixin, clone
@@ -28,6 +34,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from tqdm.auto import tqdm
 
@@ -38,8 +45,11 @@ __all__ = [
     "CVFold",
     "SharedSelection",
     "TuningResult",
+    "WorkerDone",
+    "open_storage",
     "prepare_folds",
     "select_best",
+    "study_settings",
     "sweep",
     "tune_classifier",
 ]
@@ -47,6 +57,35 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+ROLES = ("auto", "worker", "finalize")
+# When this process started: a finished sweep's claim is taken over by a later command only.
+_STARTED = time.time()
+
+
+# Settings of how (and where) a sweep runs, not of what it finds: processes that differ in
+# them must share one study. n_jobs only spreads a trial's folds over threads.
+_RUNTIME_SETTINGS = ("storage", "role", "heartbeat_interval", "grace_period", "max_retry",
+                     "n_jobs")
+
+
+def study_settings(tuning_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The tuning settings that change a sweep's result: what a study's name must hash, so
+    that workers with different ``tuning.role``, storage or ``n_jobs`` join the same study."""
+    return {k: v for k, v in tuning_cfg.items() if k not in _RUNTIME_SETTINGS}
+
+
+class WorkerDone(Exception):  # noqa: N818 - an outcome, not an error
+    """A sweep process ran its share of the trials and another one finalizes.
+
+    Raised by :func:`sweep` / :func:`tune_classifier` with ``tuning.role=worker``, or with
+    ``role=auto`` when another process claimed the finalization first. The entry point
+    prints ``summary`` (one line) and exits with status 0.
+    """
+
+    def __init__(self, summary: str) -> None:
+        super().__init__(summary)
+        self.summary = summary
 
 
 @dataclass(frozen=True)
@@ -205,16 +244,71 @@ def _ensure_sqlite_folder(url: str) -> None:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
 
 
-def _open_study(
-    storage: str | None, study_name: str, tuning_cfg: Mapping[str, Any]
-) -> optuna.Study:
-    """Create the study, or load it to resume after an interruption.
+def open_storage(url: str | None, tuning_cfg: Mapping[str, Any]) -> RDBStorage | None:
+    """The study storage at ``url`` (``None``: in memory), with heartbeats.
 
-    A study is driven by one process at a time, so RUNNING trials found here belong to a
-    process that died (killed, out of memory): they are marked FAIL, and never count.
+    Each running trial records a heartbeat every ``tuning.heartbeat_interval`` seconds; a
+    trial silent for ``tuning.grace_period`` seconds belongs to a dead process (killed, out
+    of memory, machine lost): Optuna marks it FAIL and enqueues it again (at most
+    ``tuning.max_retry`` times), so the next trial any worker starts reruns its parameters.
+
+    Args:
+        url: SQLAlchemy URL: ``sqlite:///mlruns/optuna.db`` for one machine,
+            ``postgresql+psycopg://user@host/db`` for workers on many.
+        tuning_cfg: ``cfg.tuning``.
     """
-    if storage is not None:
-        _ensure_sqlite_folder(storage)
+    if url is None:
+        return None
+    _ensure_sqlite_folder(url)
+    options = {
+        "engine_kwargs": {"pool_pre_ping": True},  # survive a database restart
+        "heartbeat_interval": tuning_cfg["heartbeat_interval"],
+        "grace_period": tuning_cfg["grace_period"],
+        "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(
+            max_retry=tuning_cfg["max_retry"]
+        ),
+    }
+    with warnings.catch_warnings(), _schema_lock(url):
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return RDBStorage(url, **options)
+
+
+@contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """Hold a PostgreSQL advisory lock while Optuna creates its tables: workers started
+    together on an empty database would otherwise race to create the same types."""
+    if make_url(url).get_backend_name() != "postgresql":
+        yield
+        return
+    engine = create_engine(url)
+    key = {"key": zlib.crc32(b"pdl1exp: optuna schema")}
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), key)
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), key)
+    finally:
+        engine.dispose()
+
+
+def _check_role(tuning_cfg: Mapping[str, Any]) -> str:
+    role = tuning_cfg.get("role", "auto")
+    if role not in ROLES:
+        msg = f"tuning.role={role!r}: expected one of {ROLES}"
+        raise ValueError(msg)
+    return role
+
+
+def _open_study(
+    storage: RDBStorage | None, study_name: str, tuning_cfg: Mapping[str, Any]
+) -> optuna.Study:
+    """Create the study, or load it to resume after an interruption or to join other workers.
+
+    Trials left RUNNING by a dead process are failed and retried through the storage's
+    heartbeat (see :func:`open_storage`), never by hand.
+    """
     study = optuna.create_study(
         storage=storage,
         study_name=study_name,
@@ -223,17 +317,234 @@ def _open_study(
         pruner=instantiate(tuning_cfg["pruner"]),
         load_if_exists=True,
     )
-    interrupted = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in interrupted:
-        study.tell(trial.number, state=TrialState.FAIL)
-    if interrupted:
-        numbers = [trial.number for trial in interrupted]
-        logger.warning("study %r: interrupted trials %s marked FAIL", study_name, numbers)
     seed = tuning_cfg["sampler"].get("seed")
-    if study.trials and seed is not None:
-        # Seeded afresh, a resumed sampler would replay the first run's random start-up draws.
-        study.sampler = instantiate(tuning_cfg["sampler"], seed=seed + len(study.trials))
+    if seed is not None and (study.trials or _check_role(tuning_cfg) != "auto"):
+        # Seeded afresh, a resumed sampler would replay the first run's random start-up draws,
+        # and workers started together would all draw the same ones: a worker's seed also
+        # depends on its process (a sweep over several workers is not reproducible anyway).
+        offset = len(study.trials)
+        if _check_role(tuning_cfg) != "auto":
+            offset += zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
+        study.sampler = instantiate(tuning_cfg["sampler"], seed=(seed + offset) % 2**32)
     return study
+
+
+def _claim(storage: RDBStorage | None, name: str, role: str) -> str | None:
+    """Claim the finalization of sweep ``name``; ``None`` if won, else who holds it.
+
+    The claim is a study named ``<name>:finalizer`` (creating a study of a taken name fails
+    atomically in any RDB). It is held by this process, and taken over from a process of
+    this host that died, or from a finished finalization older than this process (the same
+    command run again); ``role=finalize`` takes it unconditionally.
+    """
+    if storage is None:
+        return None
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _STARTED, "done": None}
+    try:
+        claim = optuna.create_study(storage=storage, study_name=f"{name}:finalizer")
+    except DuplicatedStudyError:
+        claim = optuna.load_study(storage=storage, study_name=f"{name}:finalizer")
+        holder = claim.user_attrs
+        mine = holder.get("host") == me["host"] and holder.get("pid") == me["pid"]
+        done = holder.get("done")
+        dead = done is None and holder.get("host") == me["host"] and not _alive(holder.get("pid"))
+        finished = done is not None and done < _STARTED
+        if not (role == "finalize" or mine or dead or finished):
+            return f"{holder.get('host')} (pid {holder.get('pid')})"
+    for key, value in me.items():
+        claim.set_user_attr(key, value)
+    return None
+
+
+def _release(storage: RDBStorage | None, name: str) -> None:
+    """Mark a claimed finalization finished (a later command may claim it again)."""
+    if storage is not None:
+        claim = optuna.load_study(storage=storage, study_name=f"{name}:finalizer")
+        claim.set_user_attr("done", time.time())
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _objective(
+    spec: Mapping[str, Any], selection: SharedSelection, n_jobs: int, counter: list[int]
+):
+    """Mean validation AUC over the folds, reported fold by fold to the pruner.
+
+    The folds are fitted on ``n_jobs`` threads and reported in their order, so the trial
+    (and the sweep) is the same whatever ``n_jobs``; a pruned trial cancels its
+    remaining folds.
+    """
+
+    def objective(trial: optuna.Trial) -> float:
+        estimator = build_estimator(spec, suggest_params(trial, spec["search_space"]))
+        probas = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(
+            delayed(_fold_proba)(estimator, fold) for fold in selection.folds
+        )
+        aucs = []
+        for step, (fold, proba) in enumerate(zip(selection.folds, probas, strict=True)):
+            aucs.append(float(roc_auc_score(fold.y_val, proba)))
+            trial.report(float(np.mean(aucs)), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned
+        trial.set_user_attr("fold_aucs", aucs)
+        counter.append(trial.number)
+        return float(np.mean(aucs))
+
+    return objective
+
+
+def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def _run_trials(
+    study: optuna.Study, spec: Mapping[str, Any], selection: SharedSelection,
+    tuning_cfg: Mapping[str, Any], name: str,
+) -> int:
+    """Run trials until ``tuning.n_trials`` have completed in the study, by any process;
+    return how many this process completed."""
+    n_trials, mine = tuning_cfg["n_trials"], []
+    with _counted_convergence_warnings(f"tuning {name}"):
+        if len(_complete(study)) < n_trials:
+            study.optimize(
+                _objective(spec, selection, tuning_cfg["n_jobs"], mine),
+                timeout=tuning_cfg.get("timeout_s"),
+                callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))],
+            )
+    return len(mine)
+
+
+def _wait_for_workers(study: optuna.Study, tuning_cfg: Mapping[str, Any]) -> None:
+    """Wait until no other process runs a trial of the study (dead ones' go stale)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        while True:
+            fail_stale_trials(study)
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if not running:
+                return
+            logger.info(
+                "study %r: waiting for %d trials of other workers", study.study_name, len(running)
+            )
+            time.sleep(tuning_cfg["heartbeat_interval"])
+
+
+def _finalize(
+    study: optuna.Study, X: pd.DataFrame, *, name: str, spec: Mapping[str, Any],
+    selection_cfg: Mapping[str, Any], tuning_cfg: Mapping[str, Any],
+    selection: SharedSelection, shared: bool, elapsed_s: float,
+    selection_inputs: Mapping[str, Mapping[str, Any]] | None = None,
+) -> TuningResult:
+    """Best of the first ``tuning.n_trials`` completed trials, refitted on all of ``X``.
+
+    Workers finishing together may complete a few trials beyond the budget: those are left
+    out, so every classifier is chosen from the same number of trials.
+    """
+    if shared:
+        _wait_for_workers(study, tuning_cfg)
+    n_trials = tuning_cfg["n_trials"]
+    complete = sorted(_complete(study), key=lambda trial: trial.number)[:n_trials]
+    if not complete:
+        msg = (
+            f"study {study.study_name!r} has no complete trial of {name!r}; "
+            "raise tuning.timeout_s"
+        )
+        raise RuntimeError(msg)
+    if len(complete) < n_trials:
+        logger.warning(
+            "%s: %d of %d trials completed within tuning.timeout_s=%s; its CV AUC is not "
+            "comparable with the other classifiers'",
+            name,
+            len(complete),
+            n_trials,
+            tuning_cfg["timeout_s"],
+        )
+    best = max(complete, key=lambda trial: trial.value)  # ties: the earliest, as Optuna's
+    best_estimator = build_estimator(spec, best.params)
+    with _counted_convergence_warnings(f"refitting {name}"):
+        oof = np.empty(len(selection.y))
+        for fold in selection.folds:
+            oof[fold.val_index] = _fold_proba(best_estimator, fold)
+        model = selection.final_model(best_estimator)
+    n_pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
+    logger.info(
+        "%s: cv_auc=%.3f, %d complete trials (+%d pruned), %.1f s",
+        name,
+        best.value,
+        len(complete),
+        n_pruned,
+        elapsed_s,
+    )
+    return TuningResult(
+        name=name,
+        best_params=dict(best.params),
+        cv_auc=float(best.value),
+        cv_auc_folds=list(best.user_attrs["fold_aucs"]),
+        n_trials=len(complete),
+        n_pruned=n_pruned,
+        trials=study.trials_dataframe(),
+        best_pipeline=build_pipeline(selection_cfg, best_estimator, selection_inputs),
+        oof_proba=pd.Series(oof, index=X.index, name=name),
+        model=model,
+    )
+
+
+def _tune(
+    X: pd.DataFrame,
+    y: np.ndarray,
+    *,
+    studies: Mapping[str, tuple[Mapping[str, Any], str]],
+    claim: str,
+    selection_cfg: Mapping[str, Any],
+    tuning_cfg: Mapping[str, Any],
+    storage: str | None,
+    selection: SharedSelection | None,
+    selection_inputs: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, TuningResult]:
+    """Run the trials of every study (name -> (spec, study name)), then finalize or not."""
+    y = _check_xy(X, y)
+    role = _check_role(tuning_cfg)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if selection is None:
+        selection = prepare_folds(X, y, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg,
+                                  selection_inputs=selection_inputs)
+    rdb = open_storage(storage, tuning_cfg)
+    opened, mine, elapsed = {}, {}, {}
+    for name, (spec, study_name) in studies.items():
+        start = time.perf_counter()
+        opened[name] = _open_study(rdb, study_name, tuning_cfg)
+        mine[name] = _run_trials(opened[name], spec, selection, tuning_cfg, name)
+        elapsed[name] = time.perf_counter() - start
+    holder = "this worker" if role == "worker" else _claim(rdb, claim, role)
+    if role == "worker" or holder is not None:
+        done = ", ".join(
+            f"{name} {len(_complete(study))}/{tuning_cfg['n_trials']} ({mine[name]} here)"
+            for name, study in opened.items()
+        )
+        finalizer = "another process" if holder == "this worker" else holder
+        msg = f"sweep {claim!r}: trials complete: {done}; {finalizer} finalizes"
+        raise WorkerDone(msg)
+    results = {
+        name: _finalize(
+            study, X, name=name, spec=studies[name][0], selection_cfg=selection_cfg,
+            tuning_cfg=tuning_cfg, selection=selection, shared=rdb is not None,
+            selection_inputs=selection_inputs,
+            elapsed_s=elapsed[name],
+        )
+        for name, study in opened.items()
+    }
+    _release(rdb, claim)
+    return results
 
 
 def tune_classifier(
@@ -255,11 +566,18 @@ def tune_classifier(
     selection) and reports the running mean AUC after each fold to the pruner. Trials run
     until ``tuning.n_trials`` have completed: pruned and failed trials do not count, so every
     classifier gets the same budget. A study already in ``storage`` is resumed: its completed
-    trials count and only the remainder runs; RUNNING trials left by a killed process are
-    marked FAIL. One process at a time drives a study (``tuning.n_jobs`` threads within it;
-    with more than one, up to ``n_jobs - 1`` trials beyond the budget may complete).
-    ``tuning.timeout_s`` (default null) stops a study early by wall clock: the classifiers'
-    budgets then differ and their CV AUCs are no longer comparable.
+    trials count and only the remainder runs; a killed process's trial is retried (see
+    :func:`open_storage`). ``tuning.timeout_s`` (default null) stops a study early by wall
+    clock: the classifiers' budgets then differ and their CV AUCs are no longer comparable.
+
+    ``tuning.n_jobs`` threads fit a trial's CV folds, so the sweep is identical for any
+    ``n_jobs`` (parallel trials in one process would make the sampler depend on timing).
+    Several processes may run the same sweep on one RDB ``storage``, each its own trials
+    (such a sweep depends on timing and is not reproducible). ``tuning.role``: ``auto``
+    (default) runs trials, then the first process to claim the finalization refits and
+    returns the result, the others raise
+    :class:`WorkerDone`; ``worker`` runs trials, then raises :class:`WorkerDone`;
+    ``finalize`` runs trials, waits for the other workers' trials, and returns the result.
 
     Args:
         X: training feature table, one row per patient.
@@ -273,76 +591,15 @@ def tune_classifier(
         selection: from :func:`prepare_folds` on the same ``X``, ``y``, to share the selection
             fits between classifiers; computed here when omitted.
         selection_inputs: runtime data of the selection steps (``build_selection``).
+
+    Raises:
+        WorkerDone: this process only ran trials (see ``tuning.role``).
     """
-    y = _check_xy(X, y)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if selection is None:
-        selection = prepare_folds(X, y, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg,
-                                  selection_inputs=selection_inputs)
-    study = _open_study(storage, study_name, tuning_cfg)
-
-    def objective(trial: optuna.Trial) -> float:
-        estimator = build_estimator(spec, suggest_params(trial, spec["search_space"]))
-        aucs = []
-        for step, fold in enumerate(selection.folds):
-            aucs.append(float(roc_auc_score(fold.y_val, _fold_proba(estimator, fold))))
-            trial.report(float(np.mean(aucs)), step)
-            if trial.should_prune():
-                raise optuna.TrialPruned
-        trial.set_user_attr("fold_aucs", aucs)
-        return float(np.mean(aucs))
-
-    n_trials = tuning_cfg["n_trials"]
-    start = time.perf_counter()
-    with _counted_convergence_warnings(f"tuning {name}"):
-        if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < n_trials:
-            study.optimize(
-                objective,
-                timeout=tuning_cfg.get("timeout_s"),
-                n_jobs=tuning_cfg["n_jobs"],
-                callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))],
-            )
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if not complete:
-            msg = f"study {study_name!r} has no complete trial of {name!r}; raise tuning.timeout_s"
-            raise RuntimeError(msg)
-        if len(complete) < n_trials:
-            logger.warning(
-                "%s: %d of %d trials completed within tuning.timeout_s=%s; its CV AUC is not "
-                "comparable with the other classifiers'",
-                name,
-                len(complete),
-                n_trials,
-                tuning_cfg["timeout_s"],
-            )
-        best = study.best_trial
-        best_estimator = build_estimator(spec, best.params)
-        oof = np.empty(len(y))
-        for fold in selection.folds:
-            oof[fold.val_index] = _fold_proba(best_estimator, fold)
-        model = selection.final_model(best_estimator)
-
-    n_pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
-    logger.info(
-        "%s: cv_auc=%.3f, %d complete trials (+%d pruned), %.1f s",
-        name,
-        best.value,
-        len(complete),
-        n_pruned,
-        time.perf_counter() - start,
-    )
-    return TuningResult(
-        name=name,
-        best_params=dict(best.params),
-        cv_auc=float(best.value),
-        cv_auc_folds=list(best.user_attrs["fold_aucs"]),
-        n_trials=len(complete),
-        n_pruned=n_pruned,
-        trials=study.trials_dataframe(),
-        best_pipeline=build_pipeline(selection_cfg, best_estimator, selection_inputs),
-        oof_proba=pd.Series(oof, index=X.index, name=name),
-        model=model,
-    )
+    return _tune(
+        X, y, studies={name: (spec, study_name)}, claim=study_name,
+        selection_cfg=selection_cfg, tuning_cfg=tuning_cfg, storage=storage,
+        selection=selection, selection_inputs=selection_inputs,
+    )[name]
 
 
 def sweep(
@@ -359,7 +616,9 @@ def sweep(
     """Tune every classifier on the same CV folds and fit each best one on all of ``X``.
 
     The selection is fitted once per fold and once on all of ``X`` and shared by every
-    classifier and trial; each result's ``model`` is ready to predict.
+    classifier and trial; each result's ``model`` is ready to predict. Every classifier's
+    trials run before the one finalization claim of the sweep (see :func:`tune_classifier`
+    for ``tuning.role``).
 
     Args:
         X: training feature table.
@@ -370,24 +629,15 @@ def sweep(
         storage: Optuna RDB URL or ``None``.
         study_name: prefix; each classifier's study is ``<study_name>/<classifier>``.
         selection_inputs: runtime data of the selection steps (``build_selection``).
+
+    Raises:
+        WorkerDone: this process only ran trials (see ``tuning.role``).
     """
-    selection = prepare_folds(X, y, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg,
-                              selection_inputs=selection_inputs)
-    return {
-        name: tune_classifier(
-            X,
-            y,
-            name=name,
-            spec=spec,
-            selection_cfg=selection_cfg,
-            tuning_cfg=tuning_cfg,
-            storage=storage,
-            study_name=f"{study_name}/{name}",
-            selection=selection,
-            selection_inputs=selection_inputs,
-        )
-        for name, spec in classifiers.items()
-    }
+    return _tune(
+        X, y, studies={name: (spec, f"{study_name}/{name}") for name, spec in classifiers.items()},
+        claim=study_name, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg, storage=storage,
+        selection=None, selection_inputs=selection_inputs,
+    )
 
 
 def select_best(results: Iterable[T]) -> T:

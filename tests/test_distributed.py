@@ -1,0 +1,240 @@
+"""Optuna workers sharing one study on PostgreSQL, and an MLflow server on PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from pdl1exp.models.selected import SelectedModel
+from pdl1exp.models.tuning import WorkerDone, open_storage, study_settings, tune_classifier
+from pdl1exp.promote import promote
+from pdl1exp.serving import CANDIDATE, CHAMPION, PREDICTIONS_FILE, log_selected_model
+from pdl1exp.tracking import log_frame, setup, tracked_run
+from tests.test_tuning import model_cfg, table
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+# Waits for a server or the heartbeat to act: generous, never part of a result.
+DEADLINE_S = 120
+
+WORKER = """
+import pickle, sys, threading
+from sklearn.linear_model import LogisticRegression
+from pdl1exp.models.tuning import WorkerDone, tune_classifier
+
+FITS_BEFORE_BLOCK = int(sys.argv[3])
+
+
+class BlockingLogisticRegression(LogisticRegression):
+    \"\"\"Tells the parent and blocks at the first fit after FITS_BEFORE_BLOCK, mid-trial.\"\"\"
+
+    fits = 0
+
+    def fit(self, X, y, sample_weight=None):
+        type(self).fits += 1
+        if type(self).fits > FITS_BEFORE_BLOCK:
+            print("blocked", flush=True)
+            threading.Event().wait()  # until the parent kills this process
+        return super().fit(X, y, sample_weight)
+
+
+with open(sys.argv[1], "rb") as handle:
+    kwargs = pickle.load(handle)
+kwargs["tuning_cfg"]["role"] = sys.argv[2]
+if FITS_BEFORE_BLOCK >= 0:
+    kwargs["spec"]["estimator"]["_target_"] = "__main__.BlockingLogisticRegression"
+try:
+    result = tune_classifier(**kwargs)
+except WorkerDone as done:
+    print("worker", done.summary, flush=True)
+else:
+    print("final", result.n_trials, flush=True)
+"""
+
+
+def sweep_kwargs(url: str, *, n_trials: int, cv_folds: int = 3) -> dict:
+    """One classifier's sweep on a small table, studies in ``url``; quick heartbeats."""
+    X, y = table(seed=11, n=60, p=8, n_planted=2)
+    cfg = model_cfg("lr", "none", n_trials=n_trials, cv_folds=cv_folds, heartbeat_interval=1,
+                    grace_period=2)
+    cfg["tuning"]["pruner"] = {"_target_": "optuna.pruners.NopPruner"}
+    return {"X": X, "y": y, "name": "lr", "spec": cfg["classifier"]["lr"],
+            "selection_cfg": cfg["selection"], "tuning_cfg": cfg["tuning"], "storage": url,
+            "study_name": "shared"}
+
+
+def start_worker(tmp_path: Path, kwargs: dict, role: str, *,
+                 fits_before_block: int = -1) -> subprocess.Popen:
+    (tmp_path / "kwargs.pkl").write_bytes(pickle.dumps(kwargs))
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get(
+        "PYTHONPATH", "")])}
+    return subprocess.Popen(
+        [sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "kwargs.pkl"), role,
+         str(fits_before_block)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env)
+
+
+def complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+@pytest.mark.postgres
+def test_two_workers_share_the_budget_and_one_finalizes(postgres_url: str,
+                                                        tmp_path: Path) -> None:
+    n_trials = 12
+    kwargs = sweep_kwargs(postgres_url, n_trials=n_trials)
+    workers = [start_worker(tmp_path, kwargs, "auto") for _ in range(2)]
+    outputs = [worker.communicate(timeout=600) for worker in workers]
+    assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
+    lines = sorted(out.strip() for out, _ in outputs)
+    assert lines[0] == f"final {n_trials}"  # exactly one process refits ...
+    assert lines[1].startswith("worker sweep 'shared': trials complete: lr ")  # ... one exits
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    # Each process stops once it sees the budget complete: a trial the other one had
+    # started by then may complete beyond it, and the finalizer leaves it out.
+    assert n_trials <= len(complete(study)) <= n_trials + 1
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
+
+
+@pytest.mark.postgres
+def test_a_worker_killed_mid_trial_loses_nothing_and_its_trial_is_retried(
+        postgres_url: str, tmp_path: Path) -> None:
+    n_trials, cv_folds, done_before_kill = 6, 3, 2
+    kwargs = sweep_kwargs(postgres_url, n_trials=n_trials, cv_folds=cv_folds)
+    with start_worker(tmp_path, kwargs, "worker",
+                      fits_before_block=done_before_kill * cv_folds) as worker:
+        line = worker.stdout.readline()
+        if line != "blocked\n":
+            worker.kill()
+            pytest.fail(f"the worker ended before blocking: {worker.communicate()[1]}")
+        worker.kill()
+        worker.wait()
+
+    storage = open_storage(postgres_url, kwargs["tuning_cfg"])
+    study = optuna.load_study(study_name="shared", storage=storage)
+    assert len(complete(study)) == done_before_kill
+    killed = study.trials[done_before_kill]
+    assert killed.state.name == "RUNNING"
+    deadline = time.monotonic() + DEADLINE_S  # the heartbeat stops; after grace_period ...
+    while study.trials[done_before_kill].state.name == "RUNNING":
+        assert time.monotonic() < deadline, "the dead worker's trial never went stale"
+        fail_stale_trials(study)  # ... what every worker does before each trial
+        time.sleep(kwargs["tuning_cfg"]["heartbeat_interval"])
+
+    result = tune_classifier(**{**kwargs, "tuning_cfg": {**kwargs["tuning_cfg"],
+                                                          "role": "finalize"}})
+    trials = optuna.load_study(study_name="shared", storage=postgres_url).trials
+    assert trials[done_before_kill].state.name == "FAIL"
+    retried = [t for t in trials
+               if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == done_before_kill]
+    assert len(retried) == 1
+    assert retried[0].state.name == "COMPLETE"
+    assert retried[0].params == killed.params
+    assert result.n_trials == len([t for t in trials if t.state.name == "COMPLETE"]) == n_trials
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(postgres_url: str, tmp_path: Path):
+    """``mlflow server`` on a free loopback port: PostgreSQL backend store, artifacts served
+    from a local folder (clients need no shared file system)."""
+    port = free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [str(mlflow_bin), "server", "--backend-store-uri", postgres_url,
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + DEADLINE_S
+    while True:  # until the server answers its health check
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
+                if answer.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()}")
+        time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=60)
+    log.close()
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.postgres
+def test_runs_models_and_aliases_round_trip_through_an_mlflow_server(mlflow_server: str) -> None:
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"age": rng.normal(65, 8, 40), "size_mm": rng.normal(30, 9, 40)})
+    y = (frame["size_mm"] + rng.normal(0, 5, 40) > 30).astype(int)
+    clinical = make_pipeline(StandardScaler(), LogisticRegression()).fit(frame, y)
+    model = SelectedModel(feature_set="clinical", clinical=clinical,
+                          clinical_features=["age", "size_mm"]).fit(None)
+    setup(mlflow_server, "server")
+    with tracked_run("server") as run:
+        mlflow.log_metric("test_auc", 0.75)
+        log_frame(pd.DataFrame({"patient_id": [f"P{i}" for i in range(40)], "split": "test",
+                                "label": y, "probability": model.predict_proba(frame)[:, 1]}),
+                  PREDICTIONS_FILE)
+        version = log_selected_model(model, example=frame, extractor={},
+                                     registered_model="server-model", target="PD-L1")
+    client = mlflow.MlflowClient()
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert client.get_model_version_by_alias("server-model", CANDIDATE).version == version.version
+    assert promote(name="server-model", alpha=0.05).promote  # no champion yet
+    assert client.get_model_version_by_alias("server-model", CHAMPION).version == version.version
+    served = mlflow.pyfunc.load_model("models:/server-model@champion").predict(frame)
+    np.testing.assert_allclose(served["probability"], model.predict_proba(frame)[:, 1])
+
+
+def test_roles_on_sqlite_a_worker_only_runs_trials_and_the_finalizer_claims(
+        tmp_path: Path) -> None:
+    kwargs = sweep_kwargs(f"sqlite:///{tmp_path}/optuna.db", n_trials=4)
+    worker = {**kwargs, "tuning_cfg": {**kwargs["tuning_cfg"], "role": "worker"}}
+    with pytest.raises(WorkerDone, match=r"trials complete: lr 4/4 \(4 here\); another"):
+        tune_classifier(**worker)
+    with pytest.raises(WorkerDone, match=r"lr 4/4 \(0 here\)"):  # nothing left to run
+        tune_classifier(**worker)
+    result = tune_classifier(**kwargs)  # auto: claims the finalization, runs no trial
+    assert result.n_trials == 4
+    claim = optuna.load_study(study_name="shared:finalizer", storage=kwargs["storage"])
+    assert claim.user_attrs["pid"] == os.getpid()
+    assert claim.user_attrs["done"] is not None
+    again = tune_classifier(**kwargs)  # the same process may finalize again (a rerun)
+    assert again.best_params == result.best_params
+    with pytest.raises(ValueError, match=r"tuning\.role='boss'"):
+        tune_classifier(**{**kwargs, "tuning_cfg": {**kwargs["tuning_cfg"], "role": "boss"}})
+
+
+def test_study_names_hash_what_changes_results_not_how_the_sweep_runs() -> None:
+    tuning = sweep_kwargs(None, n_trials=4)["tuning_cfg"]
+    runtime = {**tuning, "role": "worker", "storage": "postgresql+psycopg://h/db",
+               "n_jobs": 8, "heartbeat_interval": 5, "grace_period": 20, "max_retry": 1}
+    assert study_settings(runtime) == study_settings(tuning)
+    assert study_settings({**tuning, "n_trials": 5}) != study_settings(tuning)
+    assert "sampler" in study_settings(tuning)
