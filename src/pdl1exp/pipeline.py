@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from pdl1exp.data.load import cohort_stage
-from pdl1exp.data.manifest import CohortError, problems_table
+from pdl1exp.data.manifest import problems_table
 from pdl1exp.data.splits import assign_splits
 from pdl1exp.features.explain import gradcam_overlays, linear_head
 from pdl1exp.features.extract import (
@@ -29,9 +30,8 @@ from pdl1exp.features.extract import (
 )
 from pdl1exp.features.finetune import finetune_curves_figure, training_folds
 from pdl1exp.features.radiomics import (
-    RadiomicsExtraction,
-    extract_radiomics,
     extract_replicates,
+    radiomics_stage,
 )
 from pdl1exp.hashing import content_key
 from pdl1exp.imaging.qc import qc_figures
@@ -39,6 +39,7 @@ from pdl1exp.imaging.rois import roi_stage
 from pdl1exp.models.assessment import (
     delong_table,
     evaluate,
+    model_rows,
     prespecified_delong,
     selected_features,
     split_metrics,
@@ -86,13 +87,20 @@ def _check_feature_sets(cfg: DictConfig) -> None:
         raise ValueError(msg)
 
 
+def _patient_names(cfg: DictConfig) -> Callable[[str], str]:
+    """How figures name a patient: its id, or a keyed pseudonym (``tracking.pseudonymise``)."""
+    if not cfg.tracking.pseudonymise:
+        return str
+    key = pseudonym_key(Path(cfg.paths.cache_dir))
+    return lambda pid: pseudonym(pid, key)
+
+
 def _log_qc(cfg: DictConfig, rois: pd.DataFrame) -> None:
     """QC figures of the ROIs as ``qc/<patient>.png`` (pseudonymised on request)."""
-    key = pseudonym_key(Path(cfg.paths.cache_dir)) if cfg.tracking.pseudonymise else None
     with tempfile.TemporaryDirectory() as folder:
         if qc_figures(rois, folder, which=cfg.tracking.qc,
                       window=(cfg.preprocess.window_width, cfg.preprocess.window_level),
-                      name=(lambda pid: pseudonym(pid, key)) if key else str,
+                      name=_patient_names(cfg),
                       n_jobs=cfg.tracking.qc_jobs):
             mlflow.log_artifacts(folder, "qc")
 
@@ -132,12 +140,11 @@ def _explain(cfg: DictConfig, rois: pd.DataFrame, splits: pd.Series, fitted: Fit
     except ValueError as err:
         log.warning("No Grad-CAM: %s", err)
         return []
-    key = pseudonym_key(Path(cfg.paths.cache_dir)) if cfg.tracking.pseudonymise else None
     held_out = rois.loc[splits.index[splits != "train"]]
     result = gradcam_overlays(held_out, preprocess=cfg.preprocess, roi=cfg.roi,
                               backbone=cfg.backbone, seed=cfg.seed, head=head,
                               n=cfg.evaluation.gradcam_n, out_dir=folder / "explain",
-                              name=(lambda pid: pseudonym(pid, key)) if key else str,
+                              name=_patient_names(cfg),
                               finetune=extraction.finetune, dpi=cfg.evaluation.dpi)
     mlflow.log_metrics({"gradcam_heat_in_mask_median": float(result["heat_mass_inside"].median()),
                         "gradcam_area_in_mask_median": float(result["area_inside"].median())})
@@ -163,17 +170,6 @@ def _nested(cfg: DictConfig, train: pd.DataFrame, features: dict[str, pd.DataFra
     log.info("Nested CV AUC of the primary (%s): %.3f", cfg.evaluation.primary,
              metrics[primary])
     return summary
-
-
-def _radiomics(cfg: DictConfig, rois: pd.DataFrame) -> RadiomicsExtraction:
-    """Handcrafted radiomics of every ROI (PyRadiomics, content-hashed cache)."""
-    rad = cfg.radiomics
-    extraction = extract_radiomics(rois, params=rad.params,
-                                   cache_dir=Path(cfg.paths.cache_dir) / "features",
-                                   n_jobs=rad.n_jobs, label=rad.label)
-    mlflow.set_tags({"radiomics_cache": "hit" if extraction.cache_hit else "miss",
-                     "radiomics_cache_key": extraction.key})
-    return extraction
 
 
 def _selection_inputs(cfg: DictConfig, rois: pd.DataFrame, centers: pd.Series,
@@ -263,9 +259,9 @@ def _experiment(cfg: DictConfig, tags: dict[str, str]) -> float:
     _log_qc(cfg, rois)
     radiomics = None
     if {"radiomics", "dlr+radiomics"} & set(cfg.feature_sets):
-        radiomics = _radiomics(cfg, rois)
-        if radiomics.problems and cfg.dataset.on_error == "raise":
-            raise CohortError(cohort.source, radiomics.problems)
+        radiomics = radiomics_stage(cfg, rois, source=cohort.source)
+        mlflow.set_tags({"radiomics_cache": "hit" if radiomics.cache_hit else "miss",
+                         "radiomics_cache_key": radiomics.key})
         problems += radiomics.problems
         rois = rois.loc[rois.index.isin(radiomics.table.index)]
     if problems:
@@ -310,13 +306,9 @@ def _experiment(cfg: DictConfig, tags: dict[str, str]) -> float:
     log_frame(delong, "delong_tests.csv")
     log_frame(delong_table(fitted.models, y), "delong_tests_exploratory.csv")
     for model in fitted.models:
-        rows = metrics[(metrics.feature_set == model.feature_set)
-                       & (metrics.classifier == model.classifier)]
-        _log_child(model, rows, tags)
+        _log_child(model, model_rows(metrics, model), tags)
     primary = fitted.primary(ev.primary)
-    rows = metrics[(metrics.feature_set == primary.feature_set)
-                   & (metrics.classifier == primary.classifier)]
-    mlflow.log_metrics(split_metrics(rows))
+    mlflow.log_metrics(split_metrics(model_rows(metrics, primary)))
     mlflow.set_tags({"best_feature_set": primary.feature_set,
                      "best_classifier": primary.classifier,
                      "recalibration": ev.recalibrate})

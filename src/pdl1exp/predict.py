@@ -22,10 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from pdl1exp.cli import run_command, user_errors
 from pdl1exp.data.load import cohort_stage
-from pdl1exp.data.manifest import CohortError, Problem, problems_table
+from pdl1exp.data.manifest import Problem, problems_table
 from pdl1exp.evaluation import delong_ci
 from pdl1exp.features.extract import DEEP_PREFIX, extract_features, extractor_code_version
-from pdl1exp.features.radiomics import RADIOMICS_PREFIX, extract_radiomics
+from pdl1exp.features.radiomics import RADIOMICS_PREFIX, radiomics_stage
 from pdl1exp.imaging.rois import roi_stage
 from pdl1exp.paths import CONFIG_DIR
 
@@ -99,10 +99,7 @@ def _model_inputs(cfg: DictConfig, stage: DictConfig, extractor: dict[str, Any],
     inputs = cohort.table.loc[rois.index]
     cache = Path(cfg.paths.cache_dir) / "features"
     if radiomics:
-        rad = extract_radiomics(rois, params=stage.radiomics.params, cache_dir=cache,
-                                n_jobs=stage.radiomics.n_jobs, label=stage.radiomics.label)
-        if rad.problems and stage.dataset.on_error == "raise":
-            raise CohortError(stage.dataset.path, rad.problems)
+        rad = radiomics_stage(stage, rois, source=stage.dataset.path)
         problems += rad.problems
         rois = rois.loc[rois.index.isin(rad.table.index)]
         inputs = inputs.loc[rois.index].join(rad.table)

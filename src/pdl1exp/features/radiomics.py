@@ -23,12 +23,12 @@ import numpy as np
 import pandas as pd
 import radiomics
 import SimpleITK as sitk
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 from tqdm.auto import tqdm
 
 from pdl1exp.data.images import read_image
-from pdl1exp.data.manifest import Problem
+from pdl1exp.data.manifest import CohortError, Problem
 from pdl1exp.features.cache import FeatureCache
 from pdl1exp.hashing import content_key, file_digest
 
@@ -40,6 +40,7 @@ __all__ = [
     "extract_replicates",
     "feature_name",
     "perturb",
+    "radiomics_stage",
 ]
 
 log = logging.getLogger(__name__)
@@ -259,3 +260,23 @@ def _plain(params: Mapping[str, Any]) -> dict[str, Any]:
     if OmegaConf.is_config(params):
         return OmegaConf.to_container(params, resolve=True)
     return dict(params)
+
+
+def radiomics_stage(cfg: DictConfig, rois: pd.DataFrame, *,
+                    source: str | Path) -> RadiomicsExtraction:
+    """The radiomics of every ROI with the configured parameters (``cfg.radiomics``) through
+    the feature cache; failed patients raise one :class:`CohortError` under
+    ``dataset.on_error=raise``, else they are the result's ``problems`` (absent from the table).
+
+    Args:
+        cfg: a config with ``radiomics``, ``paths.cache_dir`` and ``dataset.on_error``.
+        rois: the ROI stage's table.
+        source: the manifest, named in the error.
+    """
+    rad = cfg.radiomics
+    extraction = extract_radiomics(rois, params=rad.params,
+                                   cache_dir=Path(cfg.paths.cache_dir) / "features",
+                                   n_jobs=rad.n_jobs, label=rad.label)
+    if extraction.problems and cfg.dataset.on_error == "raise":
+        raise CohortError(source, extraction.problems)
+    return extraction

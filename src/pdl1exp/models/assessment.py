@@ -23,6 +23,7 @@ from pdl1exp.models.results import Fitted, ModelResult
 __all__ = [
     "delong_table",
     "evaluate",
+    "model_rows",
     "prespecified_delong",
     "selected_features",
     "split_metrics",
@@ -66,6 +67,12 @@ def _calibration(labels: np.ndarray, proba: pd.Series,
     except (ValueError, np.linalg.LinAlgError, PerfectSeparationError):
         nan = (np.nan, np.nan, np.nan)
         return [("calibration_intercept", nan), ("calibration_slope", nan)]
+
+
+def model_rows(metrics: pd.DataFrame, model: ModelResult) -> pd.DataFrame:
+    """One model's rows of the long metrics table."""
+    return metrics[(metrics.feature_set == model.feature_set)
+                   & (metrics.classifier == model.classifier)]
 
 
 def split_metrics(metrics: pd.DataFrame) -> dict[str, float]:
