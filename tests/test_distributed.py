@@ -22,7 +22,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pdl1exp.models.selected import SelectedModel
-from pdl1exp.models.tuning import WorkerDone, open_storage, study_settings, tune_classifier
+from pdl1exp.models.tuning import (WorkerDone, _claim, open_storage, study_settings,
+                                   tune_classifier)
 from pdl1exp.promote import promote
 from pdl1exp.serving import CANDIDATE, CHAMPION, PREDICTIONS_FILE, log_selected_model
 from pdl1exp.tracking import log_frame, setup, tracked_run
@@ -223,12 +224,31 @@ def test_roles_on_sqlite_a_worker_only_runs_trials_and_the_finalizer_claims(
     result = tune_classifier(**kwargs)  # auto: claims the finalization, runs no trial
     assert result.n_trials == 4
     claim = optuna.load_study(study_name="shared:finalizer", storage=kwargs["storage"])
-    assert claim.user_attrs["pid"] == os.getpid()
-    assert claim.user_attrs["done"] is not None
+    assert claim.user_attrs["holder"]["pid"] == os.getpid()
+    assert claim.user_attrs["holder"]["done"] is not None
     again = tune_classifier(**kwargs)  # the same process may finalize again (a rerun)
     assert again.best_params == result.best_params
     with pytest.raises(ValueError, match=r"tuning\.role='boss'"):
         tune_classifier(**{**kwargs, "tuning_cfg": {**kwargs["tuning_cfg"], "role": "boss"}})
+
+
+def test_a_claim_being_written_or_alive_is_kept_and_a_dead_one_taken_over_once(
+        tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path}/optuna.db",
+                           sweep_kwargs(None, n_trials=1)["tuning_cfg"])
+    optuna.create_study(storage=storage, study_name="s:finalizer")  # its holder not yet written
+    assert _claim(storage, "s", "auto") == (None, "another process")
+    assert _claim(storage, "s", "finalize") == ("s:finalizer:1", None)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout
+    holder = {"host": socket.gethostname(), "pid": int(dead), "started": 0, "done": None}
+    optuna.load_study(storage=storage, study_name="s:finalizer:1").set_user_attr(
+        "holder", holder)
+    assert _claim(storage, "s", "auto") == ("s:finalizer:2", None)  # the next claim, atomic
+    alive = {**holder, "host": "elsewhere", "pid": 1}
+    optuna.load_study(storage=storage, study_name="s:finalizer:2").set_user_attr(
+        "holder", alive)
+    assert _claim(storage, "s", "auto") == (None, "elsewhere (pid 1)")
 
 
 def test_study_names_hash_what_changes_results_not_how_the_sweep_runs() -> None:

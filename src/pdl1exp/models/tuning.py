@@ -329,38 +329,57 @@ def _open_study(
     return study
 
 
-def _claim(storage: RDBStorage | None, name: str, role: str) -> str | None:
-    """Claim the finalization of sweep ``name``; ``None`` if won, else who holds it.
+def _claim(storage: RDBStorage | None, name: str, role: str) -> tuple[str | None, str | None]:
+    """Claim the finalization of sweep ``name``: ``(claim study, None)`` if won, else
+    ``(None, who holds it)``.
 
-    The claim is a study named ``<name>:finalizer`` (creating a study of a taken name fails
-    atomically in any RDB). It is held by this process, and taken over from a process of
-    this host that died, or from a finished finalization older than this process (the same
-    command run again); ``role=finalize`` takes it unconditionally.
+    A claim is a study ``<name>:finalizer`` (then ``:1``, ``:2``, ... for takeovers): creating
+    a study of a taken name fails atomically in any RDB, so of the processes that race for a
+    claim exactly one wins. Its holder (host, pid, start, finish), written in one attribute
+    after creation, is this process, or a process of this host that died, or a finished
+    finalization older than this process (the same command run again): a dead or finished
+    claim is taken over by creating the next one. ``role=finalize`` always takes over.
     """
     if storage is None:
-        return None
+        return None, None
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _STARTED, "done": None}
+    taken = set(optuna.get_all_study_names(storage))
+    generation = 0
+    while _claim_name(name, generation + 1) in taken:
+        generation += 1
     try:
-        claim = optuna.create_study(storage=storage, study_name=f"{name}:finalizer")
+        claim = optuna.create_study(storage=storage, study_name=_claim_name(name, generation))
     except DuplicatedStudyError:
-        claim = optuna.load_study(storage=storage, study_name=f"{name}:finalizer")
-        holder = claim.user_attrs
-        mine = holder.get("host") == me["host"] and holder.get("pid") == me["pid"]
-        done = holder.get("done")
-        dead = done is None and holder.get("host") == me["host"] and not _alive(holder.get("pid"))
-        finished = done is not None and done < _STARTED
-        if not (role == "finalize" or mine or dead or finished):
-            return f"{holder.get('host')} (pid {holder.get('pid')})"
-    for key, value in me.items():
-        claim.set_user_attr(key, value)
-    return None
+        claim = optuna.load_study(storage=storage, study_name=_claim_name(name, generation))
+        holder = claim.user_attrs.get("holder")
+        mine = holder is not None and (holder["host"], holder["pid"]) == (me["host"], me["pid"])
+        if not mine:
+            if role != "finalize":
+                if holder is None:  # created an instant ago; its holder is being written
+                    return None, "another process"
+                dead = holder["done"] is None and holder["host"] == me["host"] and not _alive(
+                    holder["pid"])
+                finished = holder["done"] is not None and holder["done"] < _STARTED
+                if not (dead or finished):
+                    return None, f"{holder['host']} (pid {holder['pid']})"
+            try:
+                claim = optuna.create_study(storage=storage,
+                                            study_name=_claim_name(name, generation + 1))
+            except DuplicatedStudyError:  # another process took it over first
+                return None, "another process"
+    claim.set_user_attr("holder", me)
+    return claim.study_name, None
 
 
-def _release(storage: RDBStorage | None, name: str) -> None:
+def _claim_name(name: str, generation: int) -> str:
+    return f"{name}:finalizer" + (f":{generation}" if generation else "")
+
+
+def _release(storage: RDBStorage | None, claim: str | None) -> None:
     """Mark a claimed finalization finished (a later command may claim it again)."""
-    if storage is not None:
-        claim = optuna.load_study(storage=storage, study_name=f"{name}:finalizer")
-        claim.set_user_attr("done", time.time())
+    if storage is not None and claim is not None:
+        study = optuna.load_study(storage=storage, study_name=claim)
+        study.set_user_attr("holder", {**study.user_attrs["holder"], "done": time.time()})
 
 
 def _alive(pid: int | None) -> bool:
@@ -525,8 +544,8 @@ def _tune(
         opened[name] = _open_study(rdb, study_name, tuning_cfg)
         mine[name] = _run_trials(opened[name], spec, selection, tuning_cfg, name)
         elapsed[name] = time.perf_counter() - start
-    holder = "this worker" if role == "worker" else _claim(rdb, claim, role)
-    if role == "worker" or holder is not None:
+    won, holder = (None, "this worker") if role == "worker" else _claim(rdb, claim, role)
+    if holder is not None:
         done = ", ".join(
             f"{name} {len(_complete(study))}/{tuning_cfg['n_trials']} ({mine[name]} here)"
             for name, study in opened.items()
@@ -543,7 +562,7 @@ def _tune(
         )
         for name, study in opened.items()
     }
-    _release(rdb, claim)
+    _release(rdb, won)
     return results
 
 
