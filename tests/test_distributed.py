@@ -22,8 +22,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pdl1exp.models.selected import SelectedModel
-from pdl1exp.models.tuning import (WorkerDone, _claim, open_storage, study_settings,
-                                   tune_classifier)
+from pdl1exp.models.tuning import WorkerDone, _claim, open_storage, study_settings, tune_classifier
 from pdl1exp.promote import promote
 from pdl1exp.serving import CANDIDATE, CHAMPION, PREDICTIONS_FILE, log_selected_model
 from pdl1exp.tracking import log_frame, setup, tracked_run

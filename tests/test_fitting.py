@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
+from scipy.special import expit
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from pdl1exp.models.clinical import signature, signature_column
-from pdl1exp.models.fitting import fit_feature_sets
+from pdl1exp.models.fitting import crossfit_out_of_fold, fit_feature_sets
 from pdl1exp.models.nested import nested_estimates
+from pdl1exp.models.results import ModelResult
 
 
 def cohort(*, seed: int, n: int = 90, p: int = 30, signal: float = 0.0):
@@ -124,3 +131,41 @@ def test_robust_selection_gets_icc_replicates_and_combat_centers(compose_cfg) ->
     assert steps["icc"].icc_.set_index("feature").loc["rad_0005", "kept"] == np.False_
     assert set(steps["combat"].batches) == {"A", "B"}
     assert fitted.primary("radiomics").cv_auc > 0.7
+
+
+class RecordingClassifier(ClassifierMixin, BaseEstimator):
+    """Scores the first column; records the rows of every fit (class-level log)."""
+
+    fits: ClassVar[list[pd.Index]] = []
+
+    def fit(self, X: pd.DataFrame, y: np.ndarray) -> RecordingClassifier:
+        type(self).fits.append(X.index)
+        self.classes_ = np.unique(y)
+        return self
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        p = expit(X.iloc[:, 0].to_numpy())
+        return np.column_stack([1 - p, p])
+
+    def predict(self, X: pd.DataFrame) -> np.ndarray:
+        return (self.predict_proba(X)[:, 1] > 0.5).astype(int)
+
+
+def test_combined_cv_refits_signatures_without_the_fold_it_scores() -> None:
+    table, deep = cohort(seed=4, signal=1.5)
+    y = table["label"]
+    image = ModelResult("dlr", "spy", 0.5, 0.5, {}, {}, RecordingClassifier())
+    X = table[["age"]].assign(**{signature_column("dlr"): 0.0})
+    pipe = make_pipeline(StandardScaler(), LogisticRegression())
+    RecordingClassifier.fits = []
+    oof = crossfit_out_of_fold(pipe, X, y, image={signature_column("dlr"): (image, deep)},
+                               folds=3, seed=0, clip=0.01)
+    held_out = [X.index[held] for _, held in
+                StratifiedKFold(3, shuffle=True, random_state=0).split(X, y)]
+    fits = RecordingClassifier.fits
+    assert len(fits) == 3 * (3 + 1)  # per fold: the inner cross-fit and the refit
+    for k, rows in enumerate(held_out):
+        for fit in fits[4 * k: 4 * k + 4]:
+            assert not fit.intersection(rows).size  # never saw the fold it scores
+    # The signature (first deep feature carries the signal) reaches the held-out scores.
+    assert roc_auc_score(y, oof) > 0.7

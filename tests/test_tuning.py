@@ -6,7 +6,9 @@ import logging
 import pickle
 import subprocess
 import sys
+from operator import attrgetter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
@@ -277,6 +279,18 @@ def test_sweep_names_studies_and_select_best_uses_cv_auc(tmp_path):
     assert select_best(reversed(list(results.values()))).cv_auc == best.cv_auc
     with pytest.raises(ValueError, match="at least one"):
         select_best([])
+
+
+def test_one_se_rule_takes_the_simplest_classifier_within_one_standard_error():
+    candidates = [SimpleNamespace(name=n, cv_auc=a, se=se) for n, a, se in
+                  [("lr", 0.724, 0.03), ("svm", 0.725, 0.03), ("extra_trees", 0.747, 0.03)]]
+    se = attrgetter("se")
+    assert select_best(candidates).name == "extra_trees"
+    assert select_best(candidates, rule="one_se", standard_error=se).name == "lr"  # 0.717 bar
+    tight = [*candidates[:2], SimpleNamespace(name="rf", cv_auc=0.747, se=0.01)]
+    assert select_best(tight, rule="one_se", standard_error=se).name == "rf"  # 0.737 bar
+    with pytest.raises(ValueError, match=r"tuning\.choice='worst'"):
+        select_best(candidates, rule="worst", standard_error=se)
 
 
 def test_a_wall_clock_budget_is_flagged_as_incomparable(tmp_path, caplog):

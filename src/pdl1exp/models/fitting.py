@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sklearn.base import clone
+from sklearn.model_selection import StratifiedKFold
 
 from pdl1exp.evaluation import delong_ci, youden_threshold
 from pdl1exp.hashing import content_key, frame_digest
@@ -28,6 +29,7 @@ from pdl1exp.models.tuning import (
 
 __all__ = [
     "combined_table",
+    "crossfit_out_of_fold",
     "fit_feature_sets",
     "image_models",
     "logistic_model",
@@ -78,8 +80,14 @@ def image_models(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.Ser
 def logistic_model(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.Series,
                    centers: pd.Series, *, clinical: Mapping[str, Any], numeric: Sequence[str],
                    categorical: Sequence[str], keep: Sequence[str] = (),
-                   log: Sequence[str] = (), folds: int, seed: int) -> ModelResult:
+                   log: Sequence[str] = (), folds: int, seed: int,
+                   image: Mapping[str, tuple[ModelResult, pd.DataFrame]] | None = None
+                   ) -> ModelResult:
     """The clinical (or combined) logistic model, fitted on the training split.
+
+    The combined model's CV probabilities cross-fit its signatures inside each CV fold (see
+    :func:`crossfit_out_of_fold`): a training row's signature never comes from a model that
+    saw the fold it is evaluated on.
 
     Args:
         feature_set: ``clinical`` or ``combined``.
@@ -94,13 +102,19 @@ def logistic_model(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.S
         log: numeric columns entering as log(1 + x).
         folds: CV folds for the out-of-fold predictions.
         seed: CV seed.
+        image: signature column → (chosen image model, its feature table), for ``combined``.
     """
     train = splits.index[splits == "train"]
     pipe = clinical_pipeline(clinical, numeric=numeric, categorical=categorical, keep=keep,
                              log=log)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)  # unseen categories in a fold
-        oof = out_of_fold(pipe, X.loc[train], y.loc[train].to_numpy(), folds=folds, seed=seed)
+        if image:
+            oof = crossfit_out_of_fold(pipe, X.loc[train], y.loc[train], image=image,
+                                       folds=folds, seed=seed, clip=clinical["signature_clip"])
+        else:
+            oof = out_of_fold(pipe, X.loc[train], y.loc[train].to_numpy(), folds=folds,
+                              seed=seed)
         model = clone(pipe).fit(X.loc[train], y.loc[train].to_numpy())
         proba = split_probas(model, X, splits, centers)
     proba["cv"] = pd.Series(oof, index=train)
@@ -108,6 +122,43 @@ def logistic_model(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.S
     threshold = youden_threshold(y.loc[train], oof)
     return ModelResult(feature_set, "lr", cv_auc, threshold, proba, {}, model,
                        features=[*numeric, *categorical])
+
+
+def crossfit_out_of_fold(pipe: Any, X: pd.DataFrame, y: pd.Series, *,
+                         image: Mapping[str, tuple[ModelResult, pd.DataFrame]], folds: int,
+                         seed: int, clip: float) -> np.ndarray:
+    """Out-of-fold probabilities of a model on image signatures, cross-fitted per fold.
+
+    In each of the ``folds`` stratified folds (the same folds as :func:`out_of_fold`), every
+    chosen image model (its selection and hyperparameters fixed) is refitted on the fold's
+    training rows: their signatures come from an inner cross-fit, the held-out rows' from the
+    refit; ``pipe`` is fitted on the former and scores the latter.
+
+    Args:
+        pipe: the unfitted combined pipeline.
+        X: training rows (their signature columns are replaced).
+        y: their labels.
+        image: signature column → (chosen image model, its feature table).
+        folds: number of folds (outer and inner).
+        seed: CV seed.
+        clip: see :func:`signature`.
+    """
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    oof = np.empty(len(X))
+    for fit_rows, held_rows in splitter.split(X, y):
+        fit_ids, held_ids = X.index[fit_rows], X.index[held_rows]
+        y_fit = y.loc[fit_ids].to_numpy()
+        fit_columns, held_columns = {}, {}
+        for column, (model, features) in image.items():
+            inner = out_of_fold(clone(model.model), features.loc[fit_ids], y_fit, folds=folds,
+                                seed=seed)
+            refit = clone(model.model).fit(features.loc[fit_ids], y_fit)
+            fit_columns[column] = signature(inner, clip=clip)
+            held_columns[column] = signature(
+                refit.predict_proba(features.loc[held_ids])[:, 1], clip=clip)
+        fitted = clone(pipe).fit(X.loc[fit_ids].assign(**fit_columns), y_fit)
+        oof[held_rows] = fitted.predict_proba(X.loc[held_ids].assign(**held_columns))[:, 1]
+    return oof
 
 
 def combined_table(table: pd.DataFrame, chosen: Mapping[str, ModelResult], *,
@@ -166,6 +217,11 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
         fitted.models.append(logistic_model("clinical", table, y, splits, centers,
                                             numeric=numeric, categorical=categorical,
                                             **logistic))
+    folds = tuning["cv_folds"]
+
+    def standard_error(model: ModelResult) -> float:  # of a swept model's tuning CV AUC
+        return model.sweep["sweep_cv_auc_fold_sd"] / np.sqrt(folds)
+
     done: list[str] = []  # sweeps this process only helped with (tuning.role)
     for feature_set in (f for f in feature_sets if f in features):
         X = features[feature_set]
@@ -183,15 +239,17 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
             tuning = {**tuning, "role": "worker"}
             continue
         fitted.models.extend(models)
-        fitted.chosen[feature_set] = select_best(models)
+        fitted.chosen[feature_set] = select_best(models, rule=tuning["choice"],
+                                                 standard_error=standard_error)
     if done:
         raise WorkerDone(" | ".join(done))
     if "combined" in feature_sets:
         chosen = {f: fitted.chosen[f] for f in combined_signatures}
         fitted.combined_table = combined_table(table, chosen, clip=clinical["signature_clip"])
         signatures = [signature_column(f) for f in chosen]
+        image = {signature_column(f): (model, features[f]) for f, model in chosen.items()}
         fitted.models.append(logistic_model(
             "combined", fitted.combined_table, y, splits, centers,
             numeric=[*numeric, *signatures], categorical=categorical, keep=signatures,
-            **logistic))
+            image=image, **logistic))
     return fitted

@@ -14,7 +14,7 @@ import socket
 import time
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,9 +64,10 @@ _STARTED = time.time()
 
 
 # Settings of how (and where) a sweep runs, not of what it finds: processes that differ in
-# them must share one study. n_jobs only spreads a trial's folds over threads.
+# them must share one study. n_jobs only spreads a trial's folds over threads; choice only
+# reads the finished studies.
 _RUNTIME_SETTINGS = ("storage", "role", "heartbeat_interval", "grace_period", "max_retry",
-                     "n_jobs")
+                     "n_jobs", "choice")
 
 
 def study_settings(tuning_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -659,11 +660,28 @@ def sweep(
     )
 
 
-def select_best(results: Iterable[T]) -> T:
-    """The result (anything with ``cv_auc``: a :class:`TuningResult`, a fitted model) with
-    the highest tuning CV AUC, never a test metric; ties go to the first."""
+def select_best(results: Iterable[T], *, rule: str = "best",
+                standard_error: Callable[[T], float] | None = None) -> T:
+    """The result (anything with ``cv_auc``: a :class:`TuningResult`, a fitted model) chosen
+    by tuning CV AUC, never by a test metric.
+
+    Args:
+        results: candidates in order of parsimony (simplest first: the configured order).
+        rule: ``best``: the highest CV AUC (ties go to the first); ``one_se``: the first
+            (simplest) candidate whose CV AUC is within one standard error of the best one's
+            (Hastie, Tibshirani & Friedman, *Elements of Statistical Learning*, 7.10): the
+            best of several tuned families is optimistic, and mostly by chance.
+        standard_error: the standard error of a candidate's CV AUC (``one_se`` only).
+    """
     results = list(results)
     if not results:
         msg = "select_best needs at least one result"
         raise ValueError(msg)
-    return max(results, key=lambda result: result.cv_auc)
+    best = max(results, key=lambda result: result.cv_auc)
+    if rule == "best":
+        return best
+    if rule != "one_se" or standard_error is None:
+        msg = f"tuning.choice={rule!r}: expected 'best' or 'one_se' (with a standard error)"
+        raise ValueError(msg)
+    bar = best.cv_auc - standard_error(best)
+    return next(result for result in results if result.cv_auc >= bar)
