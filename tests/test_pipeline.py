@@ -154,3 +154,38 @@ def test_external_patients_are_reported_per_center(compose_cfg, tmp_path: Path) 
     assert metrics["n_external"] == 8
     assert "external_B_auc" in metrics
     assert metrics["external_B_auc_ci_lower"] <= metrics["external_B_auc"]
+
+
+@pytest.mark.slow
+def test_an_external_scanner_shifted_center_with_combat_gets_every_feature_set(
+        compose_cfg, tmp_path: Path) -> None:
+    """Center B has another scanner (HU offset, more noise, softer kernel) and is split
+    between training and test; center C's patients (same scanner shift) are external. ComBat
+    is fitted on the training rows (A and B) inside the pipeline, C is unseen (pooled rule),
+    and every feature set is reported on the external center."""
+    shift = "{hu_offset: 40.0, noise_scale: 1.6, psf_mm: 1.2}"
+    generator = ["dataset.generator.centers=[A,B,C]",
+                 f"++dataset.generator.scanners={{B: {shift}, C: {shift}}}"]
+    smoke = compose_cfg("+experiment=smoke", *generator, *tiny_overrides(tmp_path))
+    manifest = pd.read_csv(instantiate(smoke.dataset.generator).write(),
+                           dtype={"patient_id": str})
+    positive = manifest["pdl1_tps"] >= 1
+    external = manifest["center"] == "C"
+    rank = manifest[~external].groupby(positive[~external]).cumcount()
+    manifest["split"] = "external"
+    manifest.loc[~external, "split"] = np.where(rank < 4, "test", "train")
+    path = next(Path(smoke.dataset.generator.cache_dir).iterdir()) / "with_external.csv"
+    manifest.to_csv(path, index=False)
+    cfg = compose_cfg("+experiment=smoke", "dataset=manifest", f"dataset.path={path}",
+                      "dataset.clinical.numeric=[age,pack_years,cea]",
+                      "dataset.clinical.categorical=[sex,smoking,histology,stage]",
+                      "selection=robust", "selection.steps.lasso.cv=3",
+                      "selection.steps.combat={_target_: pdl1exp.models.harmonization.ComBat,"
+                      " unseen: pooled}", *tiny_overrides(tmp_path))
+    run(cfg)
+    runs = _runs(tmp_path, "smoke")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.metrics["n_external"] == external.sum()
+    reported = {r.data.tags["mlflow.runName"].split("/")[0] for r in runs
+                if r is not parent and "external_C_auc" in r.data.metrics}
+    assert reported == {"clinical", "dlr", "radiomics", "dlr+radiomics", "combined"}

@@ -18,6 +18,8 @@ def cohort_stage(cfg: DictConfig, *, require_label: bool = True) -> Cohort:
     ``require_label=False`` for scoring new patients (absent labels become -1).
     """
     ds = cfg.dataset
-    path = instantiate(ds.generator).write() if ds.generator else ds.path
+    # A manifest path wins: an experiment's generator settings (e.g. smoke's cohort size)
+    # then concern the synthetic cohort only.
+    path = ds.path if ds.path is not None else instantiate(ds.generator).write()
     return load_cohort(path, **dataset_options(ds), require_label=require_label,
                        cache_dir=Path(cfg.paths.cache_dir) / "dicom")
