@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pdl1exp.multirun import (
     MULTIRUN_TAG,
     OVERRIDES_TAG,
     SUMMARY_RUN,
+    JobStartMethod,
     MultirunSummary,
     configuration,
     job_tags,
@@ -52,6 +54,19 @@ def test_a_configuration_is_the_overrides_but_the_seed() -> None:
                           "feature_sets=[clinical,dlr]"]) == (
         "+experiment=smoke backbone=resnet18_2d feature_sets=[clinical,dlr]")
     assert job_tags() == {}  # not under a Hydra multirun
+
+
+def test_a_job_in_a_loky_worker_spawns_pools_with_the_plain_start_method() -> None:
+    from joblib.externals.loky.backend import context  # registers the "loky" context
+
+    before = multiprocessing.get_start_method(allow_none=True)
+    default = multiprocessing.get_all_start_methods()[0]
+    try:
+        multiprocessing.set_start_method(context.LokyContext._name, force=True)
+        JobStartMethod().on_job_start(config=OmegaConf.create({}))
+        assert multiprocessing.get_start_method() == default
+    finally:
+        multiprocessing.set_start_method(before, force=True)
 
 
 def _job(sweep: str, overrides: list[str], metrics: dict[str, float], *,

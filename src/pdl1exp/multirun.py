@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ __all__ = [
     "MULTIRUN_TAG",
     "OVERRIDES_TAG",
     "SUMMARY_RUN",
+    "JobStartMethod",
     "MultirunSummary",
     "configuration",
     "job_tags",
@@ -135,3 +137,15 @@ class MultirunSummary(Callback):
         write_multirun_summary(uri=config.tracking.uri,
                                sweep=multirun_id(config.hydra.sweep.dir),
                                metrics=self.metrics, sort_by=self.sort_by)
+
+
+class JobStartMethod(Callback):
+    """Hydra callback: a job in a joblib worker starts its process pools as a plain run does.
+
+    loky makes itself the default start method of its workers, and a pool the job spawns
+    (radiomics) then dies with "cannot find context for 'loky'": the job resets it.
+    """
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if multiprocessing.get_start_method(allow_none=True) == "loky":
+            multiprocessing.set_start_method(None, force=True)
