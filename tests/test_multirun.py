@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import optuna
 import pandas as pd
 import pytest
 from hydra.utils import instantiate
@@ -24,6 +25,7 @@ from pdl1exp.multirun import (
     MultirunSummary,
     configuration,
     job_tags,
+    study_prefix,
     write_multirun_summary,
 )
 from pdl1exp.study import study_runs
@@ -54,6 +56,7 @@ def test_a_configuration_is_the_overrides_but_the_seed() -> None:
                           "feature_sets=[clinical,dlr]"]) == (
         "+experiment=smoke backbone=resnet18_2d feature_sets=[clinical,dlr]")
     assert job_tags() == {}  # not under a Hydra multirun
+    assert study_prefix("smoke") == "smoke"
 
 
 def test_a_job_in_a_loky_worker_spawns_pools_with_the_plain_start_method() -> None:
@@ -134,8 +137,8 @@ def test_joblib_multirun_logs_one_parent_run_per_job_and_the_summary(tmp_path: P
     """Two jobs at once (joblib), sharing the MLflow/Optuna stores and the cache folder."""
     sweep = tmp_path / "sweep"
     command = [sys.executable, "-m", "pdl1exp", "-m", "hydra/launcher=joblib",
-               "hydra.launcher.n_jobs=2", "+experiment=smoke", "feature_sets=[clinical]",
-               "evaluation.primary=clinical", "seed=1,2", "tracking.qc=none",
+               "hydra.launcher.n_jobs=2", "+experiment=smoke", "feature_sets=[clinical,radiomics]",
+               "evaluation.primary=radiomics", "seed=1,2", "tracking.qc=none",
                f"hydra.sweep.dir={sweep}", *tiny_overrides(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -148,6 +151,9 @@ def test_joblib_multirun_logs_one_parent_run_per_job_and_the_summary(tmp_path: P
     assert {r.info.status for r in jobs} == {"FINISHED"}
     assert {r.data.tags[MULTIRUN_TAG] for r in jobs} == {str(sweep)}
     assert sorted(r.data.tags["multirun_job"] for r in jobs) == ["0", "1"]
+    studies = optuna.get_all_study_names(f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert studies  # each job's radiomics sweep (its pool spawned inside a loky worker)
+    assert all(name.startswith("smoke/job-") for name in studies)
     assert all((sweep / str(n) / "report.html").is_file() for n in (0, 1))
     [summary] = [r for r in runs if r.info.run_name == SUMMARY_RUN]
     table = pd.read_csv(MlflowClient().download_artifacts(

@@ -33,6 +33,7 @@ __all__ = [
     "configuration",
     "job_tags",
     "multirun_id",
+    "study_prefix",
     "write_multirun_summary",
 ]
 
@@ -59,6 +60,20 @@ def job_tags() -> dict[str, str]:
         return {}
     return {MULTIRUN_TAG: multirun_id(hydra.sweep.dir), "multirun_job": str(hydra.job.num),
             OVERRIDES_TAG: json.dumps(list(hydra.overrides.task))}
+
+
+def study_prefix(name: str) -> str:
+    """Prefix of the job's Optuna study names: ``name``, and in a multirun job also a key of
+    its overrides. Jobs whose sweeps have the same inputs (the radiomics of one seed under
+    two backbones) would otherwise share a study, and all but one would end as workers of
+    another job's sweep, without a run; rerunning the same multirun resumes each job's own.
+    """
+    tags = job_tags()
+    if not tags:
+        return name
+    from pdl1exp.hashing import content_key
+
+    return f"{name}/job-{content_key({'overrides': tags[OVERRIDES_TAG]})}"
 
 
 def configuration(overrides: Sequence[str]) -> str:
@@ -122,7 +137,9 @@ def write_multirun_summary(*, uri: str, sweep: str, metrics: Sequence[str],
 
 
 class MultirunSummary(Callback):
-    """Hydra callback: at the end of a multirun, :func:`write_multirun_summary`.
+    """Hydra callback: at the start of a multirun, create the shared MLflow and Optuna stores
+    (jobs started together would race to create their tables); at its end,
+    :func:`write_multirun_summary`.
 
     Args:
         metrics: parent-run metrics to summarise across seeds.
@@ -132,6 +149,13 @@ class MultirunSummary(Callback):
     def __init__(self, *, metrics: Sequence[str], sort_by: str) -> None:
         self.metrics = list(metrics)
         self.sort_by = sort_by
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from pdl1exp.models.tuning import open_storage
+        from pdl1exp.tracking import setup
+
+        setup(config.tracking.uri, config.tracking.experiment)
+        open_storage(config.tuning.storage, config.tuning)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         write_multirun_summary(uri=config.tracking.uri,
