@@ -50,6 +50,7 @@ from pdl1exp.models.nested import nested_estimates
 from pdl1exp.models.results import Fitted, ModelResult, held_out_frame
 from pdl1exp.models.selected import SelectedModel
 from pdl1exp.models.tuning import WorkerDone
+from pdl1exp.multirun import job_tags, study_prefix
 from pdl1exp.reporting import write_outputs
 from pdl1exp.serving import PREDICTIONS_FILE, log_selected_model
 from pdl1exp.tracking import (
@@ -235,10 +236,11 @@ def run(cfg: DictConfig) -> float:
     logging.getLogger("pdl1exp").setLevel(cfg.log_level)
     _check_feature_sets(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    setup(cfg.tracking.uri, cfg.tracking.experiment)
-    tags = {**environment_tags(), "config_hash": content_key(resolved), "experiment": cfg.name}
+    setup(cfg.tracking.uri, cfg.tracking.experiment, stale_after_s=cfg.tracking.stale_after_s)
+    tags = {**environment_tags(), **job_tags(), "config_hash": content_key(resolved),
+            "experiment": cfg.name}
     try:
-        with tracked_run(cfg.name, tags=tags) as parent:
+        with tracked_run(cfg.name, tags=tags, heartbeat_s=cfg.tracking.heartbeat_s) as parent:
             return _experiment(cfg, tags)
     except WorkerDone:  # this process only helped another one's sweep: leave no run behind
         MlflowClient().delete_run(parent.info.run_id)
@@ -288,7 +290,7 @@ def _experiment(cfg: DictConfig, tags: dict[str, str]) -> float:
              "log": list(cfg.dataset.clinical.log),
              "clinical": _plain(cfg, "clinical"), "classifiers": _plain(cfg, "classifier"),
              "selection": _plain(cfg, "selection"), "tuning": _plain(cfg, "tuning"),
-             "study_prefix": cfg.name, "seed": cfg.seed,
+             "study_prefix": study_prefix(cfg.name), "seed": cfg.seed,
              "selection_inputs": _selection_inputs(cfg, rois, table["center"],
                                                    splits.index[splits == "train"])}
     fitted = fit_feature_sets(table, features, splits, **chain)

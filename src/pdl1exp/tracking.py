@@ -1,4 +1,9 @@
-"""MLflow: store set-up, run lifecycle (never left RUNNING), tags, params and artifacts."""
+"""MLflow: store set-up, run lifecycle (never left RUNNING), tags, params and artifacts.
+
+A top-level run beats a heartbeat (tag ``pdl1exp.heartbeat``, unix seconds) while its
+process lives; :func:`setup` closes as KILLED the experiment's RUNNING runs whose process is
+gone (``kill -9``, out of memory, lost machine), so no run stays RUNNING forever.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +11,28 @@ import hashlib
 import hmac
 import importlib
 import logging
+import os
 import secrets
+import socket
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
+from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
 __all__ = [
+    "END_REASON_TAG",
+    "HEARTBEAT_TAG",
+    "close_stale_runs",
     "code_version",
     "environment_tags",
     "log_cohort",
@@ -40,30 +53,107 @@ _MAX_ERROR = 4000
 _PARAM_BATCH = 100
 _DIGEST_MAX = 36
 _KIND_TAG, _KIND = "mlflow.experimentKind", "custom_model_development"
+HEARTBEAT_TAG = "pdl1exp.heartbeat"
+END_REASON_TAG = "end_reason"
+_HOST_TAG, _PID_TAG = "pdl1exp.host", "pdl1exp.pid"
+_PARENT_TAG = "mlflow.parentRunId"
 
 
-def setup(uri: str, experiment: str) -> str:
+def setup(uri: str, experiment: str, *, stale_after_s: float | None = None) -> str:
     """Point MLflow at ``uri`` and return the experiment id (created when missing).
 
     With a local ``sqlite:///`` store, artifacts go beside the database
     (``<db folder>/<experiment>/<run id>/artifacts``).
+
+    Args:
+        uri: tracking URI.
+        experiment: experiment name.
+        stale_after_s: when given, first close the experiment's runs left RUNNING by dead
+            processes (:func:`close_stale_runs`).
     """
+    location, lock = None, nullcontext()
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        location = (db.resolve().parent / experiment).as_uri()
+        # Processes started together (a joblib multirun) would race to create the tables
+        # and the experiment: one at a time.
+        lock = FileLock(f"{db}.lock")
     mlflow.set_tracking_uri(uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is not None:
-        mlflow.set_experiment(experiment_id=found.experiment_id)
-        return found.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        db_dir = Path(uri.removeprefix("sqlite:///")).resolve().parent
-        location = (db_dir / experiment).as_uri()
-    # The MLflow 3 UI opens an experiment of this kind on its runs, not the GenAI overview.
-    experiment_id = MlflowClient().create_experiment(
-        experiment, artifact_location=location, tags={_KIND_TAG: _KIND})
+    with lock:
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is not None:
+            experiment_id = found.experiment_id
+        else:
+            # The MLflow 3 UI opens an experiment of this kind on its runs, not the GenAI
+            # overview.
+            experiment_id = MlflowClient().create_experiment(
+                experiment, artifact_location=location, tags={_KIND_TAG: _KIND})
     mlflow.set_experiment(experiment_id=experiment_id)
+    if stale_after_s is not None:
+        close_stale_runs(experiment_id, stale_after_s=stale_after_s)
     return experiment_id
+
+
+def _alive_here(tags: Mapping[str, str]) -> bool | None:
+    """Whether the run's process is alive: known only for a process of this host."""
+    if tags.get(_HOST_TAG) != socket.gethostname() or _PID_TAG not in tags:
+        return None
+    try:
+        os.kill(int(tags[_PID_TAG]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def close_stale_runs(experiment_id: str, *, stale_after_s: float) -> list[str]:
+    """Close the experiment's RUNNING runs whose process is gone as KILLED; return their ids.
+
+    A top-level run is gone when its process (same host) no longer exists, or when its
+    heartbeat (:data:`HEARTBEAT_TAG`; a run without one: its start) is older than
+    ``stale_after_s``; a child run goes with its parent. Each closed run gets an
+    :data:`END_REASON_TAG` saying why, and ends at its last sign of life.
+
+    Args:
+        experiment_id: the experiment to clean.
+        stale_after_s: seconds without heartbeat after which a run counts as dead; keep it
+            several times ``tracking.heartbeat_s`` (and above the clock skew between hosts).
+    """
+    client = MlflowClient()
+    running = {r.info.run_id: r for r in mlflow.search_runs(
+        experiment_ids=[experiment_id], filter_string="attributes.status = 'RUNNING'",
+        output_format="list")}
+    now = time.time()
+
+    def verdict(run: mlflow.entities.Run) -> tuple[float, str | None]:
+        """(last sign of life in unix seconds, why it is dead or None)."""
+        tags = run.data.tags
+        parent = running.get(tags.get(_PARENT_TAG, ""))
+        if parent is not None:
+            seen, why = verdict(parent)
+            return seen, why and f"its parent run {parent.info.run_id} {why}"
+        seen = float(tags.get(HEARTBEAT_TAG, run.info.start_time / 1000))
+        if _alive_here(tags) is False:
+            return seen, f"process {tags[_PID_TAG]} on {tags[_HOST_TAG]} is gone"
+        if now - seen > stale_after_s:
+            return seen, (f"no heartbeat for {now - seen:.0f} s "
+                          f"(tracking.stale_after_s={stale_after_s:g})")
+        return seen, None
+
+    closed = []
+    for run_id, run in running.items():
+        seen, why = verdict(run)
+        if why is None:
+            continue
+        reason = f"closed as KILLED by a later run ({socket.gethostname()}): {why}"
+        client.set_tag(run_id, END_REASON_TAG, reason)
+        client.set_terminated(run_id, status="KILLED", end_time=int(seen * 1000))
+        log.warning("MLflow run %s (%s) was left RUNNING: %s", run_id,
+                    run.info.run_name, reason)
+        closed.append(run_id)
+    return closed
 
 
 def log_cohort(table: pd.DataFrame, *, name: str, digest: str, target: str) -> None:
@@ -78,12 +168,47 @@ def log_cohort(table: pd.DataFrame, *, name: str, digest: str, target: str) -> N
 
 
 @contextmanager
-def tracked_run(name: str, *, nested: bool = False,
-                tags: Mapping[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Start a run that ends FINISHED, FAILED (error tag) or KILLED (Ctrl-C), never RUNNING."""
-    run = mlflow.start_run(run_name=name, nested=nested, tags=dict(tags or {}))
+def _heartbeat(run_id: str, interval_s: float) -> Iterator[None]:
+    """Refresh the run's :data:`HEARTBEAT_TAG` every ``interval_s`` from a daemon thread."""
+    client, stop = MlflowClient(), threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval_s):
+            try:
+                client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.3f}")
+            except Exception as err:  # a store hiccup must not end the run
+                log.warning("MLflow heartbeat of run %s failed: %s", run_id, err)
+
+    thread = threading.Thread(target=beat, name=f"mlflow-heartbeat-{run_id}", daemon=True)
+    thread.start()
     try:
-        yield run
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextmanager
+def tracked_run(name: str, *, nested: bool = False, tags: Mapping[str, str] | None = None,
+                heartbeat_s: float | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Start a run that ends FINISHED, FAILED (error tag) or KILLED (Ctrl-C), never RUNNING.
+
+    Args:
+        name: run name.
+        nested: a child of the active run.
+        tags: run tags.
+        heartbeat_s: seconds between heartbeats of a top-level run (None: no heartbeat);
+            with them, a later :func:`setup` closes the run if its process dies.
+    """
+    tags = dict(tags or {})
+    beats = heartbeat_s is not None and not nested
+    if beats:
+        tags |= {HEARTBEAT_TAG: f"{time.time():.3f}", _HOST_TAG: socket.gethostname(),
+                 _PID_TAG: str(os.getpid())}
+    run = mlflow.start_run(run_name=name, nested=nested, tags=tags)
+    try:
+        with _heartbeat(run.info.run_id, heartbeat_s) if beats else nullcontext():
+            yield run
     except KeyboardInterrupt:
         mlflow.set_tag("error", "interrupted (KeyboardInterrupt)")
         mlflow.end_run("KILLED")
@@ -138,8 +263,15 @@ def pseudonym_key(folder: str | Path) -> bytes:
     path = Path(folder) / ".pseudonym_key"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(secrets.token_bytes(32))
-        path.chmod(0o600)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial.write_bytes(secrets.token_bytes(32))
+        partial.chmod(0o600)
+        try:  # a hard link never replaces: of concurrent runs, the first key wins
+            os.link(partial, path)
+        except FileExistsError:
+            pass
+        finally:
+            partial.unlink()
     return path.read_bytes()
 
 

@@ -157,10 +157,12 @@ class SyntheticCohort:
             "n_negative": int((1 - labels).sum()),
         }
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2))
-        if folder.exists():  # a concurrent writer finished first: keep theirs
-            shutil.rmtree(staging)
-        else:
+        try:  # one atomic rename publishes the complete cohort
             staging.rename(folder)
+        except OSError:  # a concurrent writer published first (a folder is never replaced)
+            if not (folder / "metadata.json").exists():
+                raise
+            shutil.rmtree(staging)
         return folder / "manifest.csv"
 
     def _latent(self, rng: np.random.Generator) -> tuple[dict, dict, float, Draws, np.ndarray,
