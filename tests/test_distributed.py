@@ -22,7 +22,14 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pdl1exp.models.selected import SelectedModel
-from pdl1exp.models.tuning import WorkerDone, _claim, open_storage, study_settings, tune_classifier
+from pdl1exp.models.tuning import (
+    WorkerDone,
+    _claim,
+    fail_dead_trials,
+    open_storage,
+    study_settings,
+    tune_classifier,
+)
 from pdl1exp.promote import promote
 from pdl1exp.serving import CANDIDATE, CHAMPION, PREDICTIONS_FILE, log_selected_model
 from pdl1exp.tracking import log_frame, setup, tracked_run
@@ -257,3 +264,24 @@ def test_study_names_hash_what_changes_results_not_how_the_sweep_runs() -> None:
     assert study_settings(runtime) == study_settings(tuning)
     assert study_settings({**tuning, "n_trials": 5}) != study_settings(tuning)
     assert "sampler" in study_settings(tuning)
+
+
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(
+        tmp_path: Path) -> None:
+    tuning = sweep_kwargs(None, n_trials=1)["tuning_cfg"]
+    storage = open_storage(f"sqlite:///{tmp_path}/optuna.db", tuning)
+    study = optuna.create_study(storage=storage, study_name="s")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout
+    silent = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # no record
+    recorded = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    recorded.set_user_attr("worker", {"host": socket.gethostname(), "pid": int(dead)})
+    alive = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    alive.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+    fail_dead_trials(study, {**tuning, "grace_period": 0})  # the silent one's start is past
+    states = {t.number: t.state.name for t in study.trials}
+    assert states[silent.number] == states[recorded.number] == "FAIL"
+    assert states[alive.number] == "RUNNING"
+    retried = [t for t in study.trials if t.state.name == "WAITING"]  # enqueued again
+    assert sorted(t.params["x"] for t in retried) == sorted([silent.params["x"],
+                                                              recorded.params["x"]])

@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,6 +47,7 @@ __all__ = [
     "SharedSelection",
     "TuningResult",
     "WorkerDone",
+    "fail_dead_trials",
     "open_storage",
     "prepare_folds",
     "select_best",
@@ -406,6 +408,7 @@ def _objective(
     """
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         estimator = build_estimator(spec, suggest_params(trial, spec["search_space"]))
         probas = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(
             delayed(_fold_proba)(estimator, fold) for fold in selection.folds
@@ -435,6 +438,7 @@ def _run_trials(
     return how many this process completed."""
     n_trials, mine = tuning_cfg["n_trials"], []
     with _counted_convergence_warnings(f"tuning {name}"):
+        fail_dead_trials(study, tuning_cfg)
         if len(_complete(study)) < n_trials:
             study.optimize(
                 _objective(spec, selection, tuning_cfg["n_jobs"], mine),
@@ -444,12 +448,35 @@ def _run_trials(
     return len(mine)
 
 
+def fail_dead_trials(study: optuna.Study, tuning_cfg: Mapping[str, Any]) -> None:
+    """Fail, and retry, RUNNING trials whose process is dead but has no heartbeat to go stale.
+
+    A process killed between creating a trial and its first heartbeat leaves a trial that
+    Optuna's heartbeat never marks stale. Every trial records its host and pid first thing:
+    a RUNNING trial is dead when that process is gone from this host, or when it carries no
+    record ``tuning.grace_period`` seconds after its start.
+    """
+    now = datetime.now()  # Optuna's trial times are naive local times
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=tuning_cfg["max_retry"])
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if worker is None:
+            dead = (now - trial.datetime_start).total_seconds() > tuning_cfg["grace_period"]
+        else:
+            dead = worker["host"] == socket.gethostname() and not _alive(worker["pid"])
+        # Optuna's own fail_stale_trials reaches the storage the same way.
+        if dead and study._storage.set_trial_state_values(
+                trial._trial_id, TrialState.FAIL):
+            retry(study, study._storage.get_trial(trial._trial_id))
+
+
 def _wait_for_workers(study: optuna.Study, tuning_cfg: Mapping[str, Any]) -> None:
     """Wait until no other process runs a trial of the study (dead ones' go stale)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         while True:
             fail_stale_trials(study)
+            fail_dead_trials(study, tuning_cfg)
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if not running:
                 return
