@@ -25,6 +25,7 @@ from pdl1exp.models.selected import SelectedModel
 from pdl1exp.models.tuning import (
     WorkerDone,
     _claim,
+    _open_study,
     fail_dead_trials,
     open_storage,
     study_settings,
@@ -285,3 +286,31 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(
     retried = [t for t in study.trials if t.state.name == "WAITING"]  # enqueued again
     assert sorted(t.params["x"] for t in retried) == sorted([silent.params["x"],
                                                               recorded.params["x"]])
+
+
+def test_a_sweep_resumed_after_a_dead_trial_draws_what_the_uninterrupted_one_drew(
+        tmp_path: Path) -> None:
+    tuning = sweep_kwargs(None, n_trials=1)["tuning_cfg"]
+    space = {"x": optuna.distributions.FloatDistribution(-3, 3),
+             "c": optuna.distributions.CategoricalDistribution(["a", "b"])}
+
+    def objective(trial: optuna.Trial) -> float:
+        x, c = trial.suggest_float("x", -3, 3), trial.suggest_categorical("c", ["a", "b"])
+        return -(x - 1) ** 2 + (c == "b")
+
+    def study(name: str) -> optuna.Study:
+        storage = open_storage(f"sqlite:///{tmp_path}/{name}.db", tuning)
+        return _open_study(storage, name, tuning)
+
+    def completed(s: optuna.Study) -> list[dict]:
+        return [t.params for t in s.trials if t.state.name == "COMPLETE"]
+
+    whole = study("whole")
+    whole.optimize(objective, n_trials=14)  # past TPE's 10 random start-up trials
+    crashed = study("crashed")
+    crashed.optimize(objective, n_trials=6)
+    crashed.ask(space)  # its process dies mid-trial: left RUNNING, no heartbeat, no record
+    resumed = study("crashed")  # a fresh process opens the study again
+    fail_dead_trials(resumed, {**tuning, "grace_period": 0})
+    resumed.optimize(objective, n_trials=8)  # the dead trial's rerun, then the rest
+    assert completed(resumed) == completed(whole)

@@ -45,6 +45,7 @@ from pdl1exp.models.selection import build_selection
 __all__ = [
     "CVFold",
     "SharedSelection",
+    "TrialSeededSampler",
     "TuningResult",
     "WorkerDone",
     "fail_dead_trials",
@@ -304,32 +305,92 @@ def _check_role(tuning_cfg: Mapping[str, Any]) -> str:
     return role
 
 
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """A sampler whose draws for a trial depend on the seed and the trial's rank only.
+
+    The rank is the trial's place among the study's trials that did not fail. Each trial gets
+    a fresh inner sampler (``tuning.sampler``, e.g. TPE, which reads the history from the
+    study) seeded from ``(seed, rank)``. A study resumed after a crash (the dead trial failed
+    and rerun with its parameters) therefore draws exactly what the uninterrupted study
+    would have drawn: a killed and rerun sweep gives the same result.
+
+    Args:
+        factory: the inner sampler for a seed.
+        seed: the sweep's seed.
+        salt: added to every trial's seed (a worker's process, so that workers started
+            together do not draw the same parameters).
+    """
+
+    def __init__(self, factory: Callable[[int], optuna.samplers.BaseSampler], *, seed: int,
+                 salt: int = 0) -> None:
+        self._factory = factory
+        self._seed = seed
+        self._salt = salt
+        self._inner: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _for(self, study: optuna.Study, trial: optuna.trial.FrozenTrial
+             ) -> optuna.samplers.BaseSampler:
+        if trial.number not in self._inner:
+            rank = sum(t.number < trial.number and t.state != TrialState.FAIL
+                       for t in study.get_trials(deepcopy=False))
+            state = np.random.SeedSequence([self._seed, rank, self._salt]).generate_state(1)
+            self._inner[trial.number] = self._factory(int(state[0]))
+        return self._inner[trial.number]
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self._for(study, trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study,
+                                    trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+        return self._for(study, trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                        search_space: dict[str, Any]) -> dict[str, Any]:
+        return self._for(study, trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                           param_name: str, param_distribution: Any) -> Any:
+        return self._for(study, trial).sample_independent(study, trial, param_name,
+                                                          param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                    state: TrialState, values: Any) -> None:
+        self._for(study, trial).after_trial(study, trial, state, values)
+        self._inner.pop(trial.number, None)
+
+
+def _sampler(tuning_cfg: Mapping[str, Any]) -> optuna.samplers.BaseSampler:
+    """``tuning.sampler``, seeded per trial (see :class:`TrialSeededSampler`) when seeded.
+
+    A worker's draws also depend on its process: workers started together must not draw the
+    same parameters (a sweep over several workers is not reproducible anyway).
+    """
+    seed = tuning_cfg["sampler"].get("seed")
+    if seed is None:
+        return instantiate(tuning_cfg["sampler"])
+    salt = 0
+    if _check_role(tuning_cfg) != "auto":
+        salt = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
+    return TrialSeededSampler(lambda s: instantiate(tuning_cfg["sampler"], seed=s),
+                              seed=int(seed), salt=salt)
+
+
 def _open_study(
     storage: RDBStorage | None, study_name: str, tuning_cfg: Mapping[str, Any]
 ) -> optuna.Study:
     """Create the study, or load it to resume after an interruption or to join other workers.
 
     Trials left RUNNING by a dead process are failed and retried through the storage's
-    heartbeat (see :func:`open_storage`), never by hand.
+    heartbeat (see :func:`open_storage`) and :func:`fail_dead_trials`, never by hand.
     """
-    study = optuna.create_study(
+    return optuna.create_study(
         storage=storage,
         study_name=study_name,
         direction="maximize",
-        sampler=instantiate(tuning_cfg["sampler"]),
+        sampler=_sampler(tuning_cfg),
         pruner=instantiate(tuning_cfg["pruner"]),
         load_if_exists=True,
     )
-    seed = tuning_cfg["sampler"].get("seed")
-    if seed is not None and (study.trials or _check_role(tuning_cfg) != "auto"):
-        # Seeded afresh, a resumed sampler would replay the first run's random start-up draws,
-        # and workers started together would all draw the same ones: a worker's seed also
-        # depends on its process (a sweep over several workers is not reproducible anyway).
-        offset = len(study.trials)
-        if _check_role(tuning_cfg) != "auto":
-            offset += zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
-        study.sampler = instantiate(tuning_cfg["sampler"], seed=(seed + offset) % 2**32)
-    return study
 
 
 def _claim(storage: RDBStorage | None, name: str, role: str) -> tuple[str | None, str | None]:
