@@ -153,6 +153,7 @@ def _log_has(root: Path, pattern: str) -> Callable[[], bool]:
     return lambda: log.exists() and re.search(pattern, log.read_text()) is not None
 
 
+@pytest.mark.slow  # three smoke runs; resume's parts are unit-tested in the default suite
 def test_kill_during_radiomics_extraction_resumes_from_the_patient_cache(
         smoke_store, tmp_path: Path) -> None:
     patients = tmp_path / "cache" / "features" / "radiomics"
