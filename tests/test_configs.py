@@ -69,7 +69,8 @@ def test_paper_experiment_is_the_papers_procedure_with_nested_cv(compose_cfg) ->
     cfg = compose_cfg("+experiment=paper")
     assert cfg.tuning.protocol == "nested"  # the procedure's estimate beside the test split
     assert cfg.tuning.choice == "best"  # the paper reports the best of seven classifiers
-    assert cfg.clinical.name == "paper" and cfg.selection.name == "paper"
+    assert cfg.clinical.name == "paper"
+    assert cfg.selection.name == "paper"
     assert cfg.dataset.test_size == 0.3
     default = compose_cfg("+experiment=fusion")
     assert (default.tuning.protocol, default.tuning.choice) == ("holdout", "one_se")

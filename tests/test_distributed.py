@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import socket
 import subprocess
 import sys
@@ -34,46 +33,10 @@ from pdl1exp.models.tuning import (
 from pdl1exp.promote import promote
 from pdl1exp.serving import CANDIDATE, CHAMPION, PREDICTIONS_FILE, log_selected_model
 from pdl1exp.tracking import log_frame, setup, tracked_run
-from tests.test_tuning import model_cfg, table
+from tests.test_tuning import model_cfg, start_worker, table
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 # Waits for a server or the heartbeat to act: generous, never part of a result.
 DEADLINE_S = 120
-
-WORKER = """
-import pickle, sys, threading
-from sklearn.linear_model import LogisticRegression
-from pdl1exp.models.tuning import WorkerDone, tune_classifier
-
-FITS_BEFORE_BLOCK = int(sys.argv[3])
-
-
-class BlockingLogisticRegression(LogisticRegression):
-    \"\"\"Tells the parent and blocks at the first fit after FITS_BEFORE_BLOCK, mid-trial.\"\"\"
-
-    fits = 0
-
-    def fit(self, X, y, sample_weight=None):
-        type(self).fits += 1
-        if type(self).fits > FITS_BEFORE_BLOCK:
-            print("blocked", flush=True)
-            threading.Event().wait()  # until the parent kills this process
-        return super().fit(X, y, sample_weight)
-
-
-with open(sys.argv[1], "rb") as handle:
-    kwargs = pickle.load(handle)
-kwargs["tuning_cfg"]["role"] = sys.argv[2]
-if FITS_BEFORE_BLOCK >= 0:
-    kwargs["spec"]["estimator"]["_target_"] = "__main__.BlockingLogisticRegression"
-try:
-    result = tune_classifier(**kwargs)
-except WorkerDone as done:
-    print("worker", done.summary, flush=True)
-else:
-    print("final", result.n_trials, flush=True)
-"""
-
 
 def sweep_kwargs(url: str, *, n_trials: int, cv_folds: int = 3) -> dict:
     """One classifier's sweep on a small table, studies in ``url``; quick heartbeats."""
@@ -84,18 +47,6 @@ def sweep_kwargs(url: str, *, n_trials: int, cv_folds: int = 3) -> dict:
     return {"X": X, "y": y, "name": "lr", "spec": cfg["classifier"]["lr"],
             "selection_cfg": cfg["selection"], "tuning_cfg": cfg["tuning"], "storage": url,
             "study_name": "shared"}
-
-
-def start_worker(tmp_path: Path, kwargs: dict, role: str, *,
-                 fits_before_block: int = -1) -> subprocess.Popen:
-    (tmp_path / "kwargs.pkl").write_bytes(pickle.dumps(kwargs))
-    (tmp_path / "worker.py").write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get(
-        "PYTHONPATH", "")])}
-    return subprocess.Popen(
-        [sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "kwargs.pkl"), role,
-         str(fits_before_block)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=env)
 
 
 def complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import subprocess
 import sys
@@ -153,12 +154,16 @@ def test_same_seed_same_sweep_and_planted_features_found():
     assert {"dl_0000", "dl_0001", "dl_0002"} <= set(selected[0])
 
 
-RESUME_SCRIPT = """
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# A sweep in a child process (argv: pickled tune_classifier kwargs, tuning.role, fits before
+# it blocks mid-trial, -1: never): what a worker or a crashed run leaves in the storage.
+WORKER = """
 import pickle, sys, threading
 from sklearn.linear_model import LogisticRegression
-from pdl1exp.models.tuning import tune_classifier
+from pdl1exp.models.tuning import WorkerDone, tune_classifier
 
-FITS_BEFORE_BLOCK = int(sys.argv[2])
+FITS_BEFORE_BLOCK = int(sys.argv[3])
 
 
 class BlockingLogisticRegression(LogisticRegression):
@@ -176,9 +181,29 @@ class BlockingLogisticRegression(LogisticRegression):
 
 with open(sys.argv[1], "rb") as handle:
     kwargs = pickle.load(handle)
-kwargs["spec"]["estimator"]["_target_"] = "__main__.BlockingLogisticRegression"
-tune_classifier(**kwargs)
+kwargs["tuning_cfg"]["role"] = sys.argv[2]
+if FITS_BEFORE_BLOCK >= 0:
+    kwargs["spec"]["estimator"]["_target_"] = "__main__.BlockingLogisticRegression"
+try:
+    result = tune_classifier(**kwargs)
+except WorkerDone as done:
+    print("worker", done.summary, flush=True)
+else:
+    print("final", result.n_trials, flush=True)
 """
+
+
+
+def start_worker(tmp_path: Path, kwargs: dict, role: str, *,
+                 fits_before_block: int = -1) -> subprocess.Popen:
+    (tmp_path / "kwargs.pkl").write_bytes(pickle.dumps(kwargs))
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get(
+        "PYTHONPATH", "")])}
+    return subprocess.Popen(
+        [sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "kwargs.pkl"), role,
+         str(fits_before_block)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env)
 
 
 def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
@@ -199,19 +224,10 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
         "storage": f"sqlite:///{db}",
         "study_name": "resume",
     }
-    (tmp_path / "kwargs.pkl").write_bytes(pickle.dumps(kwargs))
-    (tmp_path / "run.py").write_text(RESUME_SCRIPT)
-
     # The child completes two trials, then blocks in the first fold of the third one, which
     # is RUNNING in the storage: killed there, it leaves what a crash mid-trial leaves.
-    fits_before_block = str(done_before_kill * cv_folds)
-    script, pickled = str(tmp_path / "run.py"), str(tmp_path / "kwargs.pkl")
-    with subprocess.Popen(
-        [sys.executable, script, pickled, fits_before_block],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as process:
+    with start_worker(tmp_path, kwargs, "auto",
+                      fits_before_block=done_before_kill * cv_folds) as process:
         line = process.stdout.readline()
         if line != "blocked\n":
             process.kill()

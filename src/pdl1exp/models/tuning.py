@@ -421,8 +421,7 @@ def _claim(storage: RDBStorage | None, name: str, role: str) -> tuple[str | None
             if role != "finalize":
                 if holder is None:  # created an instant ago; its holder is being written
                     return None, "another process"
-                dead = holder["done"] is None and holder["host"] == me["host"] and not _alive(
-                    holder["pid"])
+                dead = holder["done"] is None and _gone(holder)
                 finished = holder["done"] is not None and holder["done"] < _STARTED
                 if not (dead or finished):
                     return None, f"{holder['host']} (pid {holder['pid']})"
@@ -444,6 +443,11 @@ def _release(storage: RDBStorage | None, claim: str | None) -> None:
     if storage is not None and claim is not None:
         study = optuna.load_study(storage=storage, study_name=claim)
         study.set_user_attr("holder", {**study.user_attrs["holder"], "done": time.time()})
+
+
+def _gone(process: Mapping[str, Any]) -> bool:
+    """Whether a recorded process (``host``, ``pid``) ran on this host and has died."""
+    return process["host"] == socket.gethostname() and not _alive(process["pid"])
 
 
 def _alive(pid: int | None) -> bool:
@@ -524,7 +528,7 @@ def fail_dead_trials(study: optuna.Study, tuning_cfg: Mapping[str, Any]) -> None
         if worker is None:
             dead = (now - trial.datetime_start).total_seconds() > tuning_cfg["grace_period"]
         else:
-            dead = worker["host"] == socket.gethostname() and not _alive(worker["pid"])
+            dead = _gone(worker)
         # Optuna's own fail_stale_trials reaches the storage the same way.
         if dead and study._storage.set_trial_state_values(
                 trial._trial_id, TrialState.FAIL):
