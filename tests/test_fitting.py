@@ -42,7 +42,7 @@ def chain(compose_cfg, **changes: Any) -> dict[str, Any]:
     plain = {k: OmegaConf.to_container(cfg[k], resolve=True)
              for k in ("clinical", "classifier", "selection", "tuning")}
     return {"feature_sets": ["clinical", "dlr", "combined"], "combined_signatures": ["dlr"],
-            "numeric": ["age", "cea"], "categorical": ["sex"], "log": ["cea"],
+            "numeric": ["age", "cea"], "categorical": ["sex"], "log": ["cea"], "spline": [],
             "clinical": plain["clinical"],
             "classifiers": {"lr": plain["classifier"]["lr"]}, "selection": plain["selection"],
             "tuning": plain["tuning"], "study_prefix": "test", "seed": 0, **changes}
@@ -75,6 +75,16 @@ def test_combined_model_reads_cross_fitted_signatures(compose_cfg) -> None:
     assert fitted.primary("dlr") is dlr
     with pytest.raises(ValueError, match="radiomics"):
         fitted.primary("radiomics")
+
+
+def test_spline_columns_reach_the_clinical_and_combined_models(compose_cfg) -> None:
+    table, deep = cohort(seed=1, signal=1.5)
+    fitted = fit_feature_sets(table, {"dlr": deep}, holdout(table, seed=1),
+                              **chain(compose_cfg, spline=["age"]))
+    for model in fitted.models:
+        if model.feature_set in ("clinical", "combined"):
+            design = model.model.named_steps["columns"].get_feature_names_out().tolist()
+            assert {"age", "age'", "age''"} <= set(design)
 
 
 def test_nested_estimates_cover_every_feature_set_and_fold(compose_cfg) -> None:

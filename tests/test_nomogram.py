@@ -14,6 +14,7 @@ from pdl1exp.evaluation.figures import nomogram_figure
 from pdl1exp.models.clinical import clinical_pipeline
 from pdl1exp.models.nomogram import build_nomogram, nomogram_points
 from tests.conftest import CONF
+from tests.test_clinical import u_shaped_cohort
 from tests.test_tables import CATEGORICAL, NUMERIC, clinical_cohort
 
 COLUMNS = {"numeric": NUMERIC, "categorical": CATEGORICAL}
@@ -80,3 +81,27 @@ def test_nomogram_figure_written(fitted, tmp_path: Path) -> None:
     path = nomogram_figure(nomogram, tmp_path / "nomogram.png", dpi=50)
     height, width = imread(path).shape[:2]
     assert width > height > 100  # one row per variable plus points, total, probability
+
+
+def test_a_spline_axis_turns_back_and_still_maps_to_the_model_probability() -> None:
+    """A U-shaped spline effect: the lowest points lie inside the age range, both ends score
+    more, and each patient's total points still give the model's probability."""
+    X, y = u_shaped_cohort(400, seed=5)
+    cfg = OmegaConf.merge(OmegaConf.load(CONF / "clinical" / "paper.yaml"),
+                          {"screening_p": None})
+    columns = {"numeric": ["age"], "categorical": ["sex"]}
+    model = clinical_pipeline(cfg, spline=["age"], **columns).fit(X, y)
+    nomogram = build_nomogram(model, X, n_ticks=7, **columns)
+    age = next(t for t in nomogram.terms if t.name == "age")
+    points = np.asarray(age.points)
+    assert points[0] > points.min() < points[-1]
+    assert points.min() >= 0
+    assert age.max_points == pytest.approx(100)
+    grid = np.linspace(X["age"].min(), X["age"].max(), 200)
+    on_grid = nomogram_points(nomogram, model, pd.DataFrame({"age": grid, "sex": "F"}),
+                              **columns)["age"]
+    assert on_grid.min() == pytest.approx(0, abs=0.05)
+    assert on_grid.max() == pytest.approx(100, abs=0.05)
+    total = nomogram_points(nomogram, model, X, **columns)["total_points"]
+    np.testing.assert_allclose(nomogram.predict_from_points(total),
+                               model.predict_proba(X)[:, 1], rtol=0, atol=1e-9)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import statsmodels.api as sm
 from scipy import stats
 from scipy.special import expit
 
@@ -18,6 +19,7 @@ NUMERIC, CATEGORICAL = ["age", "size_mm"], ["sex", "histology"]
 MLE_CFG = {
     "screening_p": None,
     "backward_aic": False,
+    "spline_knots": 4,
     "estimator": {"_target_": "sklearn.linear_model.LogisticRegression", "C": float("inf"),
                   "solver": "newton-cholesky", "tol": 1e-12, "max_iter": 200},
     "categorical_encoder": {"_target_": "sklearn.preprocessing.OneHotEncoder", "drop": "first",
@@ -262,3 +264,32 @@ def test_univariate_screen_likelihood_ratio(cohort) -> None:
                                           "histology=squamous (vs adeno)"]
     assert (screen["selected"] == (screen["p"] < 0.05)).all()
     assert np.isnan(screen.loc[screen.variable == "constant", "p"]).all()
+
+
+def test_odds_ratio_table_of_a_spline_variable_gives_the_interquartile_odds_ratio(cohort) -> None:
+    """A spline's terms keep their own rows; the added ``age: Q3 vs Q1`` row is the model's
+    odds ratio between two patients at the training quartiles, with the Wald CI of that
+    contrast (checked against statsmodels on the same design)."""
+    X, y = cohort
+    model = clinical_pipeline(MLE_CFG, numeric=NUMERIC, categorical=CATEGORICAL,
+                              spline=["age"]).fit(X, y)
+    table = odds_ratio_table(model, X, numeric=NUMERIC, categorical=CATEGORICAL)
+    low, high = np.nanquantile(X["age"], [0.25, 0.75])
+    assert table["term"].tolist() == ["(Intercept)", "size_mm", "age", "age'", "age''",
+                                      "sex_M", "histology_other", "histology_squamous",
+                                      f"age: {high:g} vs {low:g}"]
+    assert (table["variable"].iloc[2:5] == "age").all()
+    pair = pd.concat([X.iloc[[1]]] * 2).assign(age=[high, low])
+    logits = model.decision_function(pair)
+    contrast = table.iloc[-1]
+    assert contrast["odds_ratio"] == pytest.approx(np.exp(logits[0] - logits[1]), rel=1e-9)
+    design = sm.add_constant(np.asarray(model.named_steps["columns"].transform(X), dtype=float))
+    reference = sm.Logit(y, design).fit(disp=0)
+    np.testing.assert_allclose(table["coef"].iloc[:-1], reference.params, rtol=1e-5, atol=1e-8)
+    weights = np.zeros(design.shape[1])
+    weights[2:5] = np.diff(np.asarray(model.named_steps["columns"].named_transformers_[
+        "spline"].transform(pd.DataFrame({"age": [low, high]}))), axis=0)[0]
+    test = reference.t_test(weights)
+    assert contrast["coef"] == pytest.approx(float(test.effect[0]), rel=1e-5)
+    assert contrast["se"] == pytest.approx(float(test.sd[0, 0]), rel=1e-5)
+    assert contrast["p"] == pytest.approx(float(test.pvalue), rel=1e-4)

@@ -288,6 +288,7 @@ def _experiment(cfg: DictConfig, tags: dict[str, str]) -> float:
              "combined_signatures": list(cfg.combined_signatures),
              "numeric": cohort.numeric, "categorical": cohort.categorical,
              "log": list(cfg.dataset.clinical.log),
+             "spline": list(cfg.dataset.clinical.spline),
              "clinical": _plain(cfg, "clinical"), "classifiers": _plain(cfg, "classifier"),
              "selection": _plain(cfg, "selection"), "tuning": _plain(cfg, "tuning"),
              "study_prefix": study_prefix(cfg.name), "seed": cfg.seed,

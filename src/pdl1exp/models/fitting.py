@@ -80,7 +80,7 @@ def image_models(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.Ser
 def logistic_model(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.Series,
                    centers: pd.Series, *, clinical: Mapping[str, Any], numeric: Sequence[str],
                    categorical: Sequence[str], keep: Sequence[str] = (),
-                   log: Sequence[str] = (), folds: int, seed: int,
+                   log: Sequence[str] = (), spline: Sequence[str] = (), folds: int, seed: int,
                    image: Mapping[str, tuple[ModelResult, pd.DataFrame]] | None = None
                    ) -> ModelResult:
     """The clinical (or combined) logistic model, fitted on the training split.
@@ -100,13 +100,14 @@ def logistic_model(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.S
         categorical: categorical columns.
         keep: columns exempt from screening (the image signatures).
         log: numeric columns entering as log(1 + x).
+        spline: numeric columns entering as restricted cubic splines.
         folds: CV folds for the out-of-fold predictions.
         seed: CV seed.
         image: signature column → (chosen image model, its feature table), for ``combined``.
     """
     train = splits.index[splits == "train"]
     pipe = clinical_pipeline(clinical, numeric=numeric, categorical=categorical, keep=keep,
-                             log=log)
+                             log=log, spline=spline)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)  # unseen categories in a fold
         if image:
@@ -180,7 +181,7 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
                      splits: pd.Series, *, feature_sets: Sequence[str],
                      combined_signatures: Sequence[str], numeric: Sequence[str],
                      categorical: Sequence[str], log: Sequence[str],
-                     clinical: Mapping[str, Any],
+                     spline: Sequence[str], clinical: Mapping[str, Any],
                      classifiers: Mapping[str, Any], selection: Mapping[str, Any],
                      tuning: Mapping[str, Any], study_prefix: str, seed: int,
                      selection_inputs: Mapping[str, Mapping[str, Any]] | None = None
@@ -196,6 +197,8 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
         numeric: clinical numeric columns.
         categorical: clinical categorical columns.
         log: numeric columns entering as log(1 + x) (``dataset.clinical.log``).
+        spline: numeric columns entering as restricted cubic splines
+            (``dataset.clinical.spline``).
         clinical: ``cfg.clinical``.
         classifiers: ``cfg.classifier``.
         selection: ``cfg.selection``.
@@ -211,7 +214,8 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
     """
     y, centers = table["label"], table["center"]
     train = splits.index[splits == "train"]
-    logistic = {"clinical": clinical, "log": log, "folds": tuning["cv_folds"], "seed": seed}
+    logistic = {"clinical": clinical, "log": log, "spline": spline, "folds": tuning["cv_folds"],
+                "seed": seed}
     fitted = Fitted(models=[])
     if "clinical" in feature_sets:
         fitted.models.append(logistic_model("clinical", table, y, splits, centers,

@@ -22,22 +22,25 @@ __all__ = [
     "fit_logistic",
     "is_penalised",
     "logistic_terms",
+    "numeric_design",
     "odds_ratio_table",
     "univariate_screen",
 ]
 
 _INTERCEPT = "(Intercept)"
-_GROUPS = ("numeric", "log", "categorical")
+_NUMERIC_GROUPS = ("numeric", "log", "spline")
+_GROUPS = (*_NUMERIC_GROUPS, "categorical")
 
 
 def logistic_terms(
     pipeline: Pipeline, *, numeric: Sequence[str], categorical: Sequence[str]
 ) -> pd.DataFrame:
     """The design columns of a fitted clinical pipeline: ``term``, ``variable``, ``level``
-    (None for numeric) and ``coef``, in design order.
+    (None for numeric), ``group`` (its transformer) and ``coef``, in design order.
 
-    Numeric variables come from the ``numeric`` (linear) and ``log`` (``log(1 + x)``)
-    transformers, categorical ones from ``categorical`` (one-hot, a reference level dropped).
+    Numeric variables come from the ``numeric`` (linear), ``log`` (``log(1 + x)``) and
+    ``spline`` (restricted cubic spline: terms ``x``, ``x'``, ``x''``, …) transformers,
+    categorical ones from ``categorical`` (one-hot, a reference level dropped).
 
     Args:
         pipeline: fitted ``clinical_pipeline`` (steps ``columns`` → ``classifier``).
@@ -48,14 +51,19 @@ def logistic_terms(
     fitted = {name: (transformer, list(cols)) for name, transformer, cols in columns.transformers_
               if name in _GROUPS}
     found = {group: fitted.get(group, (None, []))[1] for group in _GROUPS}
-    if sorted(found["numeric"] + found["log"]) != sorted(numeric) or \
+    if sorted(c for g in _NUMERIC_GROUPS for c in found[g]) != sorted(numeric) or \
             found["categorical"] != list(categorical):
         msg = (f"columns {list(numeric)} + {list(categorical)} differ from the pipeline's "
                f"{found}")
         raise ValueError(msg)
-    terms: list[str] = [*found["numeric"], *(f"log(1 + {c})" for c in found["log"])]
-    variables: list[str] = [*found["numeric"], *found["log"]]
-    levels: list[object] = [None] * len(variables)
+    rows: list[tuple[str, str, object, str]] = [(c, c, None, "numeric")
+                                                for c in found["numeric"]]
+    rows += [(f"log(1 + {c})", c, None, "log") for c in found["log"]]
+    if found["spline"]:
+        spline = fitted["spline"][0].named_steps["spline"]
+        variables = np.repeat(found["spline"], spline.n_terms_)
+        rows += [(term, variable, None, "spline") for term, variable in
+                 zip(spline.get_feature_names_out(found["spline"]), variables, strict=True)]
     if categorical:
         encoder = fitted["categorical"][0][-1]
         if not isinstance(encoder, OneHotEncoder):
@@ -63,16 +71,29 @@ def logistic_terms(
             raise TypeError(msg)
         drops = encoder.drop_idx_ if encoder.drop_idx_ is not None else [None] * len(categorical)
         for name, categories, drop in zip(categorical, encoder.categories_, drops, strict=True):
-            kept = [c for k, c in enumerate(categories) if drop is None or k != drop]
-            variables += [name] * len(kept)
-            levels += kept
-            terms += [f"{name}_{level}" for level in kept]
+            rows += [(f"{name}_{level}", name, level, "categorical")
+                     for k, level in enumerate(categories) if drop is None or k != drop]
     coef = pipeline.named_steps["classifier"].coef_[0]
-    if len(variables) != coef.size:
-        msg = (f"cannot map the {coef.size} coefficients onto the {len(variables)} design "
+    if len(rows) != coef.size:
+        msg = (f"cannot map the {coef.size} coefficients onto the {len(rows)} design "
                "columns expected from the variables")
         raise ValueError(msg)
-    return pd.DataFrame({"term": terms, "variable": variables, "level": levels, "coef": coef})
+    terms = pd.DataFrame(rows, columns=["term", "variable", "level", "group"])
+    return terms.assign(coef=coef)
+
+
+def numeric_design(pipeline: Pipeline, terms: pd.DataFrame, name: str,
+                   values: np.ndarray) -> np.ndarray:
+    """Design columns of numeric variable ``name`` at raw ``values`` (rows: values; columns:
+    its terms in ``terms``), through its impute → [log | spline] → scale transformer."""
+    for group, transformer, columns in pipeline.named_steps["columns"].transformers_:
+        if group in _NUMERIC_GROUPS and name in list(columns):
+            frame = pd.DataFrame(dict.fromkeys(columns, np.asarray(values, dtype=float)))
+            out = np.asarray(transformer.transform(frame), dtype=float)
+            own = terms.loc[terms["group"] == group, "variable"].to_numpy() == name
+            return out[:, own]
+    msg = f"numeric variable {name!r} is not in the pipeline"
+    raise ValueError(msg)
 
 
 def is_penalised(pipeline: Pipeline) -> bool:
@@ -81,18 +102,22 @@ def is_penalised(pipeline: Pipeline) -> bool:
     return isinstance(pipeline.named_steps["classifier"], LogisticRegressionCV)
 
 
-def _wald(design: np.ndarray, beta: np.ndarray, level: float) -> pd.DataFrame:
-    """Wald SE, CI and p of logistic coefficients ``beta`` (intercept first) from the inverse
-    of the Fisher information ``D' W D`` of the design with a leading column of ones."""
+def _wald(design: np.ndarray, beta: np.ndarray, level: float,
+          contrasts: np.ndarray | None = None) -> pd.DataFrame:
+    """Wald estimates, SE, CI and p of the linear ``contrasts`` (rows; default: each
+    coefficient) of logistic coefficients ``beta`` (intercept first), from the inverse of the
+    Fisher information ``D' W D`` of the design with a leading column of ones."""
+    contrasts = np.eye(beta.size) if contrasts is None else contrasts
     d = np.column_stack([np.ones(len(design)), design])
     p = expit(d @ beta)
-    information = d.T @ (d * (p * (1 - p))[:, None])
-    se = np.sqrt(np.diag(np.linalg.pinv(information)))
+    covariance = np.linalg.pinv(d.T @ (d * (p * (1 - p))[:, None]))
+    estimate = contrasts @ beta
+    se = np.sqrt(np.einsum("ij,jk,ik->i", contrasts, covariance, contrasts))
     z = stats.norm.ppf((1 + level) / 2)
     return pd.DataFrame({
-        "coef": beta, "se": se, "odds_ratio": np.exp(beta),
-        "ci_lower": np.exp(beta - z * se), "ci_upper": np.exp(beta + z * se),
-        "p": 2 * stats.norm.sf(np.abs(beta / se)),
+        "coef": estimate, "se": se, "odds_ratio": np.exp(estimate),
+        "ci_lower": np.exp(estimate - z * se), "ci_upper": np.exp(estimate + z * se),
+        "p": 2 * stats.norm.sf(np.abs(estimate / se)),
     })
 
 
@@ -109,8 +134,11 @@ def odds_ratio_table(
     The covariance is the inverse Fisher information of the fitted model on its transformed
     training design (logistic link: observed = expected information, so the labels are not
     needed). Numeric variables are standardised by the pipeline: their OR is per SD (of
-    ``log(1 + x)`` for logged ones). A ridge-penalised model (``clinical=full``) reports its
-    shrunk coefficients and odds ratios with ``penalised`` True and no Wald SE, CI or p.
+    ``log(1 + x)`` for logged ones). A spline variable's terms have no odds ratio of their
+    own, so each also gets the row ``<variable>: <Q3> vs <Q1>``: the odds ratio between its
+    training upper and lower quartiles, as ``rms``'s ``summary`` reports. A ridge-penalised
+    model (``clinical=full``) reports its shrunk coefficients and odds ratios with
+    ``penalised`` True and no Wald SE, CI or p.
 
     Args:
         pipeline: fitted ``clinical_pipeline``.
@@ -122,14 +150,23 @@ def odds_ratio_table(
     terms = logistic_terms(pipeline, numeric=numeric, categorical=categorical)
     design = np.asarray(pipeline.named_steps["columns"].transform(X_train), dtype=float)
     intercept = pipeline.named_steps["classifier"].intercept_[0]
-    wald = _wald(design, np.r_[intercept, terms["coef"].to_numpy()], level)
-    penalised = is_penalised(pipeline)
-    if penalised:  # shrunk estimates: the unpenalised Wald SE, CI and p would mislead
-        wald[["se", "ci_lower", "ci_upper", "p"]] = np.nan
+    beta = np.r_[intercept, terms["coef"].to_numpy()]
     head = pd.concat([
         pd.DataFrame({"term": [_INTERCEPT], "variable": [_INTERCEPT], "level": [None]}),
         terms[["term", "variable", "level"]],
     ], ignore_index=True)
+    contrasts = [np.eye(beta.size)]
+    for name in terms.loc[terms["group"] == "spline", "variable"].unique():
+        low, high = np.nanquantile(X_train[name].to_numpy(dtype=float), [0.25, 0.75])
+        change = np.zeros(beta.size)
+        own = 1 + np.flatnonzero(terms["variable"].to_numpy() == name)
+        change[own] = np.diff(numeric_design(pipeline, terms, name, [low, high]), axis=0)[0]
+        contrasts.append(change[None])
+        head.loc[len(head)] = [f"{name}: {high:g} vs {low:g}", name, None]
+    wald = _wald(design, beta, level, np.vstack(contrasts))
+    penalised = is_penalised(pipeline)
+    if penalised:  # shrunk estimates: the unpenalised Wald SE, CI and p would mislead
+        wald[["se", "ci_lower", "ci_upper", "p"]] = np.nan
     return pd.concat([head, wald], axis=1).assign(penalised=penalised)
 
 

@@ -9,21 +9,13 @@ import pandas as pd
 from sklearn.pipeline import Pipeline
 
 from pdl1exp.evaluation.nomogram import Nomogram, NomogramTerm, axis_ticks
-from pdl1exp.models.logistic import logistic_terms
+from pdl1exp.models.logistic import logistic_terms, numeric_design
 
 __all__ = ["build_nomogram", "nomogram_points"]
 
-
-def _numeric_design(pipeline: Pipeline, name: str, values: np.ndarray) -> np.ndarray:
-    """Design values of numeric variable ``name`` at raw ``values`` (through its impute →
-    [log] → scale transformer; each step works per column)."""
-    for group, transformer, columns in pipeline.named_steps["columns"].transformers_:
-        if group in ("numeric", "log") and name in list(columns):
-            frame = pd.DataFrame(dict.fromkeys(columns, values))
-            out = np.asarray(transformer.transform(frame), dtype=float)
-            return out[:, list(columns).index(name)]
-    msg = f"numeric variable {name!r} is not in the pipeline"
-    raise ValueError(msg)
+# Values over a numeric variable's observed range where its lowest and highest contribution
+# are looked for (a spline's extremes may lie between ticks).
+_GRID = 501
 
 
 def build_nomogram(
@@ -38,8 +30,9 @@ def build_nomogram(
     """The classic (Iasonos/Harrell) nomogram of a fitted ``clinical_pipeline``.
 
     Each variable's contribution to the linear predictor is taken over its observed training
-    range (numeric: raw values through the pipeline's [log and] scaling and the coefficient;
-    categorical: each level's dummy coefficient, the reference level 0). The lowest
+    range (numeric: raw values through the pipeline's [log or spline] transform, scaling and
+    coefficients; categorical: each level's dummy coefficient, the reference level 0). A
+    spline variable's axis may turn back: its ticks sit at their own points. The lowest
     contribution scores 0 points; the variable with the widest range spans ``points_max``.
     A patient's total points map back to the model's probability exactly
     (:meth:`Nomogram.predict_from_points`).
@@ -55,15 +48,20 @@ def build_nomogram(
     terms = logistic_terms(pipeline, numeric=numeric, categorical=categorical)
     axes: list[tuple[str, tuple[float | str, ...], np.ndarray, np.ndarray]] = []
     for name in numeric:
-        coef = float(terms.loc[terms["variable"] == name, "coef"].iloc[0])
+        coef = terms.loc[terms["variable"] == name, "coef"].to_numpy()
+
+        def contribution(values: np.ndarray, name: str = name,
+                         coef: np.ndarray = coef) -> np.ndarray:
+            return numeric_design(pipeline, terms, name, values) @ coef
+
         observed = X_train[name].dropna().to_numpy(dtype=float)
         low, high = observed.min(), observed.max()
         ticks = axis_ticks(low, high, n=n_ticks)
-        # Contributions at the ends of the observed range fix the axis (each transform is
-        # monotonic); ticks lie inside.
-        ends = coef * _numeric_design(pipeline, name, np.array([low, high]))
-        axes.append((name, tuple(ticks.tolist()), coef * _numeric_design(pipeline, name, ticks),
-                     ends))
+        # The extremes of the contribution over the observed range fix the axis: at its ends
+        # for a monotonic transform, possibly inside for a spline.
+        ends = contribution(np.r_[np.linspace(low, high, _GRID), ticks])
+        ends = np.array([ends.min(), ends.max()])
+        axes.append((name, tuple(ticks.tolist()), contribution(ticks), ends))
     for name in categorical:
         rows = terms[terms["variable"] == name]
         encoder = pipeline.named_steps["columns"].named_transformers_["categorical"][-1]
