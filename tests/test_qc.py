@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 from matplotlib.image import imread
 
+from pdl1exp.imaging import qc as qc_module
 from pdl1exp.imaging.measurements import feret_diameter, roi_measurements
-from pdl1exp.imaging.qc import qc_figure
+from pdl1exp.imaging.qc import qc_figure, qc_figures
 
 ANISOTROPIC = (0.7, 0.9, 2.5)
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -135,3 +137,32 @@ def test_qc_figure_rejects_a_mask_on_another_grid(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="geometry"):
         qc_figure(_ct_with(mask), other, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_qc_figures_are_drawn_once_and_then_served_from_the_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mask = _ellipsoid((5.0, 5.0, 5.0), size=(33, 33, 13))
+    sitk.WriteImage(_ct_with(mask), str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    rois = pd.DataFrame({"image": str(tmp_path / "ct.nii.gz"),
+                         "mask": str(tmp_path / "mask.nii.gz"), "image_sha": "a",
+                         "mask_key": ["m1", "m2"], "roi_source": "seeded",
+                         "roi_volume_ml": 0.5, "roi_max_diameter_mm": 10.0},
+                        index=["P1", "P2"])
+    drawn: list[str] = []
+    real = qc_module.qc_figure
+    monkeypatch.setattr(qc_module, "qc_figure",
+                        lambda *a, **k: drawn.append(k["title"]) or real(*a, **k))
+    options = {"which": "seeded", "window": (1500.0, -600.0), "name": str.lower,
+               "cache_dir": tmp_path / "cache"}
+    first = qc_figures(rois, tmp_path / "run1", **options)
+    assert [p.name for p in first] == ["p1.png", "p2.png"]
+    assert len(drawn) == 2
+    again = qc_figures(rois, tmp_path / "run2", **options)
+    assert len(drawn) == 2  # nothing drawn again
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in first]
+    qc_figures(rois.assign(mask_key=["m1", "m3"]), tmp_path / "run3", **options)
+    assert len(drawn) == 3  # a changed mask is drawn again
+    qc_figures(rois, tmp_path / "run4", **{**options, "window": (350.0, 40.0)})
+    assert len(drawn) == 5  # so is every figure in another window
+    assert not list((tmp_path / "cache").glob("*.partial*"))

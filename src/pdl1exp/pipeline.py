@@ -101,8 +101,8 @@ def _log_qc(cfg: DictConfig, rois: pd.DataFrame) -> None:
     with tempfile.TemporaryDirectory() as folder:
         if qc_figures(rois, folder, which=cfg.tracking.qc,
                       window=(cfg.preprocess.window_width, cfg.preprocess.window_level),
-                      name=_patient_names(cfg),
-                      n_jobs=cfg.tracking.qc_jobs):
+                      name=_patient_names(cfg), n_jobs=cfg.tracking.qc_jobs,
+                      cache_dir=Path(cfg.paths.cache_dir) / "qc"):
             mlflow.log_artifacts(folder, "qc")
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
@@ -13,6 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from pdl1exp.data.images import read_image
+from pdl1exp.hashing import content_key, file_digest
 from pdl1exp.imaging.measurements import roi_measurements
 
 __all__ = ["qc_figure", "qc_figures"]
@@ -113,33 +117,59 @@ def qc_figure(image: sitk.Image, mask: sitk.Image, path: str | Path, *,
 
 
 def _qc_one(image: str, mask: str, path: Path, window: tuple[float, float], title: str) -> Path:
-    return qc_figure(read_image(image), read_image(mask), path, window=window, title=title)
+    """Draw one figure to a temporary name beside ``path``, then rename (never half-read)."""
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.png")
+    qc_figure(read_image(image), read_image(mask), partial, window=window, title=title)
+    os.replace(partial, path)
+    return path
 
 
 def qc_figures(rois: pd.DataFrame, folder: str | Path, *, which: str,
                window: tuple[float, float], name: Callable[[str], str],
-               n_jobs: int = 1) -> list[Path]:
+               n_jobs: int = 1, cache_dir: str | Path | None = None) -> list[Path]:
     """QC figures of the ROI table into ``folder``, drawn in ``n_jobs`` processes.
 
+    With ``cache_dir``, each figure is kept there under a key of its inputs (image and mask
+    content, window, title, this module's source and matplotlib's version), and a later run
+    copies it instead of drawing it again.
+
     Args:
-        rois: the ROI stage's table (``image``, ``mask``, ``roi_source``, descriptors).
+        rois: the ROI stage's table (``image``, ``mask``, ``image_sha``, ``mask_key``,
+            ``roi_source``, descriptors).
         folder: output folder; one ``<name(patient_id)>.png`` per patient.
         which: ``all``, ``seeded`` (segmented ROIs only) or ``none``.
         window: CT window (width, level).
         name: patient_id → the name written on the file and the figure (a pseudonym).
         n_jobs: worker processes.
+        cache_dir: drawn figures, by content key (None: draw every figure).
     """
     chosen = rois if which == "all" else rois[rois["roi_source"] == "seeded"]
     if which == "none" or chosen.empty:
         return []
     folder = Path(folder)
-    jobs = []
+    folder.mkdir(parents=True, exist_ok=True)
+    store = Path(cache_dir) if cache_dir is not None else folder
+    store.mkdir(parents=True, exist_ok=True)
+    code = {"source": file_digest(__file__), "matplotlib": matplotlib.__version__}
+    targets, jobs = [], []
     for pid, row in chosen.iterrows():
         label = name(str(pid))
         title = (f"{label}: {row['roi_volume_ml']:.2f} ml, {row['roi_max_diameter_mm']:.1f} mm "
                  f"({row['roi_source']})")
-        jobs.append((row["image"], row["mask"], folder / f"{label}.png", window, title))
-    if n_jobs <= 1:
-        return [_qc_one(*job) for job in jobs]
-    with ProcessPoolExecutor(n_jobs) as pool:
-        return list(pool.map(_qc_one, *zip(*jobs, strict=True)))
+        target = folder / f"{label}.png"
+        drawn = target if cache_dir is None else store / (content_key(
+            {"image": row["image_sha"], "mask": row["mask_key"], "window": list(window),
+             "title": title, **code}) + ".png")
+        targets.append((drawn, target))
+        if not drawn.exists():
+            jobs.append((row["image"], row["mask"], drawn, window, title))
+    if n_jobs <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            _qc_one(*job)
+    elif jobs:
+        with ProcessPoolExecutor(min(n_jobs, len(jobs))) as pool:
+            list(pool.map(_qc_one, *zip(*jobs, strict=True)))
+    for drawn, target in targets:
+        if drawn != target:
+            shutil.copyfile(drawn, target)
+    return [target for _, target in targets]
