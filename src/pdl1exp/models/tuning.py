@@ -248,6 +248,14 @@ def _ensure_sqlite_folder(url: str) -> None:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
 
 
+
+def _retry(tuning_cfg: Mapping[str, Any]) -> RetryHeartbeatStaleTrialCallback:
+    """Optuna's rerun of a dead process's trial (``tuning.max_retry`` times); its
+    experimental-API warning, once per sweep, is silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=tuning_cfg["max_retry"])
+
 def open_storage(url: str | None, tuning_cfg: Mapping[str, Any]) -> RDBStorage | None:
     """The study storage at ``url`` (``None``: in memory), with heartbeats.
 
@@ -268,9 +276,7 @@ def open_storage(url: str | None, tuning_cfg: Mapping[str, Any]) -> RDBStorage |
         "engine_kwargs": {"pool_pre_ping": True},  # survive a database restart
         "heartbeat_interval": tuning_cfg["heartbeat_interval"],
         "grace_period": tuning_cfg["grace_period"],
-        "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(
-            max_retry=tuning_cfg["max_retry"]
-        ),
+        "heartbeat_stale_trial_callback": _retry(tuning_cfg),
     }
     with warnings.catch_warnings(), _schema_lock(url):
         warnings.simplefilter("ignore", ExperimentalWarning)
@@ -522,7 +528,7 @@ def fail_dead_trials(study: optuna.Study, tuning_cfg: Mapping[str, Any]) -> None
     record ``tuning.grace_period`` seconds after its start.
     """
     now = datetime.now()  # Optuna's trial times are naive local times
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=tuning_cfg["max_retry"])
+    retry = _retry(tuning_cfg)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker")
         if worker is None:
