@@ -248,13 +248,13 @@ def _ensure_sqlite_folder(url: str) -> None:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
 
 
-
 def _retry(tuning_cfg: Mapping[str, Any]) -> RetryHeartbeatStaleTrialCallback:
     """Optuna's rerun of a dead process's trial (``tuning.max_retry`` times); its
     experimental-API warning, once per sweep, is silenced."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         return RetryHeartbeatStaleTrialCallback(max_retry=tuning_cfg["max_retry"])
+
 
 def open_storage(url: str | None, tuning_cfg: Mapping[str, Any]) -> RDBStorage | None:
     """The study storage at ``url`` (``None``: in memory), with heartbeats.
