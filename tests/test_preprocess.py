@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 from monai.transforms import Compose, LoadImaged, Orientationd, Spacingd
 
+from pdl1exp.imaging.preprocess import AXIS_LABELS
 from pdl1exp.imaging.reader import SimpleITKReader, lps_affine
 
 SPACING = (0.7, 0.9, 2.5)
@@ -41,7 +42,7 @@ def test_resampling_and_orientation_keep_the_centroid(tmp_path: Path, flipped: b
     truth = _write_mask(path, flipped=flipped)
     chain = Compose([
         LoadImaged("mask", reader=SimpleITKReader(), image_only=True, ensure_channel_first=True),
-        Orientationd("mask", axcodes="RAS"),
+        Orientationd("mask", axcodes="RAS", labels=AXIS_LABELS),
         Spacingd("mask", pixdim=(1.0, 1.0, 1.0), mode="nearest"),
     ])
     resampled = chain({"mask": str(path)})["mask"]
@@ -55,7 +56,7 @@ def test_resampling_and_orientation_keep_the_centroid(tmp_path: Path, flipped: b
 def test_flipped_and_plain_files_give_the_same_canonical_array(tmp_path: Path) -> None:
     chain = Compose([
         LoadImaged("mask", reader=SimpleITKReader(), image_only=True, ensure_channel_first=True),
-        Orientationd("mask", axcodes="RAS"),
+        Orientationd("mask", axcodes="RAS", labels=AXIS_LABELS),
     ])
     plain = tmp_path / "plain.nii.gz"
     _write_mask(plain, flipped=False)

@@ -17,8 +17,12 @@ from monai.transforms import (
 from pdl1exp.imaging.crop import TumourROId
 from pdl1exp.imaging.reader import SimpleITKReader
 
-__all__ = ["build_transforms"]
+__all__ = ["AXIS_LABELS", "build_transforms"]
 
+
+# Axis labels of the reader's RAS affines (as NIfTI's), named rather than left to a MONAI
+# default that is changing.
+AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 def build_transforms(*, spacing_mm: Sequence[float], axcodes: str, window_width: float,
                      window_level: float, roi: TumourROId) -> Compose:
@@ -38,7 +42,7 @@ def build_transforms(*, spacing_mm: Sequence[float], axcodes: str, window_width:
     return Compose([
         LoadImaged(keys, reader=SimpleITKReader(), image_only=True, ensure_channel_first=True,
                    dtype=np.float32),
-        Orientationd(keys, axcodes=axcodes),
+        Orientationd(keys, axcodes=axcodes, labels=AXIS_LABELS),
         Spacingd(keys, pixdim=tuple(spacing_mm), mode=("bilinear", "nearest")),
         ScaleIntensityRanged("image", a_min=window_level - window_width / 2,
                              a_max=window_level + window_width / 2, b_min=0.0, b_max=1.0,
