@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from pdl1exp.bench import __main__ as bench_main
 from pdl1exp.bench import backbone as bench_backbone
 from pdl1exp.bench import e2e as bench_e2e
+from pdl1exp.bench import radiomics as bench_radiomics
 from pdl1exp.bench import scaling as bench_scaling
 from pdl1exp.features.backbones import build_backbone
 from pdl1exp.features.extractor import DeepFeatureExtractor
@@ -166,3 +167,15 @@ def test_bf16_true_features_match_fp32_and_repeat_exactly() -> None:
     assert cosine.min() >= BF16_COSINE_MIN
     assert (fast - exact).norm() / exact.norm() <= BF16_RELATIVE_ERROR_MAX
     assert torch.equal(fast, _predict("bf16-true", images))
+
+
+def test_radiomics_benchmark_reports_seconds_and_speedup_per_preset() -> None:
+    """The radiomics section composes the default config and times both presets (tiny)."""
+    tiny = ["dataset.generator.shape_xy=[48,48]", "dataset.generator.z_extent_mm=24.0",
+            "dataset.generator.n_jobs=1", "dataset.validation.n_jobs=1"]
+    result = bench_radiomics.run(n_patients=4, n_jobs=(1,), overrides=tuple(tiny))
+    assert result["patients"] == 4
+    for preset in ("original", "original_log"):
+        assert result[f"s_per_patient_{preset}_j1"] > 0
+        assert result[f"speedup_{preset}_j1"] == pytest.approx(1.0)
+    assert 0 < result["features_original"] < result["features_original_log"]

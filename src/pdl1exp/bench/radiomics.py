@@ -39,7 +39,7 @@ def run(n_patients: int = 24, *, n_jobs: tuple[int, ...] = (1, 2), seed: int = 4
     with tempfile.TemporaryDirectory() as folder:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("config", overrides=[
-                "+radiomics=ct", f"seed={seed}", f"paths.cache_dir={folder}",
+                "radiomics=ct", f"seed={seed}", f"paths.cache_dir={folder}",
                 f"dataset.generator.n_patients={n_patients}",
                 "dataset.generator.seed_fraction=0.0", *overrides])
         rois, _ = roi_stage(cfg, cohort_stage(cfg))
