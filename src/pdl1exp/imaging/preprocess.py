@@ -19,10 +19,10 @@ from pdl1exp.imaging.reader import SimpleITKReader
 
 __all__ = ["AXIS_LABELS", "build_transforms"]
 
-
 # Axis labels of the reader's RAS affines (as NIfTI's), named rather than left to a MONAI
 # default that is changing.
 AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
 
 def build_transforms(*, spacing_mm: Sequence[float], axcodes: str, window_width: float,
                      window_level: float, roi: TumourROId) -> Compose:

@@ -149,8 +149,8 @@ class RestrictedCubicSpline(TransformerMixin, BaseEstimator):
             raise ValueError(msg)
         X = validate_data(self, X, dtype=float)
         quantiles = _KNOT_QUANTILES[self.n_knots]
-        self.knots_ = [np.unique(np.quantile(column, quantiles)) for column in X.T]
-        self.knots_ = [k if k.size >= 3 else k[:0] for k in self.knots_]
+        knots = [np.unique(np.quantile(column, quantiles)) for column in X.T]
+        self.knots_ = [k if k.size >= 3 else k[:0] for k in knots]
         self.n_terms_ = [max(k.size - 1, 1) for k in self.knots_]
         return self
 

@@ -49,19 +49,15 @@ def build_nomogram(
     axes: list[tuple[str, tuple[float | str, ...], np.ndarray, np.ndarray]] = []
     for name in numeric:
         coef = terms.loc[terms["variable"] == name, "coef"].to_numpy()
-
-        def contribution(values: np.ndarray, name: str = name,
-                         coef: np.ndarray = coef) -> np.ndarray:
-            return numeric_design(pipeline, terms, name, values) @ coef
-
         observed = X_train[name].dropna().to_numpy(dtype=float)
         low, high = observed.min(), observed.max()
         ticks = axis_ticks(low, high, n=n_ticks)
         # The extremes of the contribution over the observed range fix the axis: at its ends
-        # for a monotonic transform, possibly inside for a spline.
-        ends = contribution(np.r_[np.linspace(low, high, _GRID), ticks])
-        ends = np.array([ends.min(), ends.max()])
-        axes.append((name, tuple(ticks.tolist()), contribution(ticks), ends))
+        # for a monotonic transform, possibly inside for a spline. The ticks come last.
+        values = numeric_design(pipeline, terms, name,
+                                np.r_[np.linspace(low, high, _GRID), ticks]) @ coef
+        axes.append((name, tuple(ticks.tolist()), values[-ticks.size:],
+                     np.array([values.min(), values.max()])))
     for name in categorical:
         rows = terms[terms["variable"] == name]
         encoder = pipeline.named_steps["columns"].named_transformers_["categorical"][-1]
