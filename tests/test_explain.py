@@ -36,42 +36,66 @@ def rois(tiny_cohort: Path) -> pd.DataFrame:
     return table[["image", "mask", "image_sha"]].assign(mask_key=table["mask_sha"])
 
 
-def _blob_score(seed: int, size: int, centre: tuple[int, int]) -> tuple[LinearScore, torch.Tensor]:
-    """A random ResNet18 and a head that responds to a bright disk at ``centre``.
+def _blob_score(seed: int, size: int, centre: tuple[int, int], background: float = NEUTRAL_MEAN[0],
+                ) -> tuple[LinearScore, torch.Tensor, torch.Tensor]:
+    """A random ResNet18, a head that responds to a bright disk at ``centre``, the image and
+    the image without the disk.
 
-    The background sits at the input mean, so it normalises to zero, like the convolutions'
-    zero padding: the network's activations there are zero, and only the disk can draw heat.
+    At the default background (the input mean) the background normalises to zero, like the
+    convolutions' zero padding: the network's activations there are zero, and only the disk
+    can draw heat. A background of 0 (a masked crop's) normalises to a non-zero input.
     """
     net = build_backbone(name="resnet18", spatial_dims=2, in_channels=3)
     load_weights(net, weights="random", seed=seed, arch="resnet18")
-    blank = torch.full((1, 3, size, size), NEUTRAL_MEAN[0])
+    blank = torch.full((1, 3, size, size), background)
     rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     image = blank.clone()
     image[:, :, (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= (size // 10) ** 2] = 1.0
     encoder = DeepFeatureExtractor(net, mean=NEUTRAL_MEAN, std=NEUTRAL_STD, channels_last=False)
     with torch.no_grad():
         weight = (encoder(image) - encoder(blank))[0]
-    return LinearScore(net, weight=weight, mean=NEUTRAL_MEAN, std=NEUTRAL_STD).eval(), image
+    return LinearScore(net, weight=weight, mean=NEUTRAL_MEAN, std=NEUTRAL_STD).eval(), image, blank
+
+
+def _quadrant_masses(heat: np.ndarray) -> np.ndarray:
+    """Share of the heat in each quadrant of a square map, ``[[top-left, top-right], ...]``."""
+    half = heat.shape[0] // 2
+    quadrants = np.zeros((2, 2, *heat.shape), dtype=bool)
+    for i in range(2):
+        for j in range(2):
+            quadrants[i, j, i * half:(i + 1) * half, j * half:(j + 1) * half] = True
+    return np.array([[heat_mass_inside(heat, quadrants[i, j]) for j in range(2)]
+                     for i in range(2)])
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_heat_concentrates_on_the_blob_the_head_responds_to(seed: int) -> None:
     size = 64
-    model, image = _blob_score(seed, size, centre=(48, 16))
+    model, image, _ = _blob_score(seed, size, centre=(48, 16))
     with torch.no_grad():
         assert model(image)[0, 0] > 0  # the image argues for "positive": the map explains it
     heat = gradcam_maps(model, image, target_layer="layer2")[0]
     assert heat.shape == (size, size)
     assert (heat >= 0).all()
-    quadrants = np.zeros((2, 2, size, size), dtype=bool)
-    for i in range(2):
-        for j in range(2):
-            quadrants[i, j, i * 32:(i + 1) * 32, j * 32:(j + 1) * 32] = True
-    mass = np.array([[heat_mass_inside(heat, quadrants[i, j]) for j in range(2)]
-                     for i in range(2)])
+    mass = _quadrant_masses(heat)
     assert mass.sum() == pytest.approx(1.0)
     assert mass[1, 0] > 0.5  # the blob's quadrant; a uniform map gives 0.25
     assert mass[1, 0] > 2 * max(mass[0, 0], mass[0, 1], mass[1, 1])  # not transposed/flipped
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reference_keeps_the_heat_on_the_blob_over_a_background_that_is_not_neutral(
+        seed: int) -> None:
+    model, image, blank = _blob_score(seed, 64, centre=(48, 16), background=0.0)
+    plain = _quadrant_masses(gradcam_maps(model, image, target_layer="layer2")[0])
+    relative = gradcam_maps(model, image, target_layer="layer2", reference=blank)[0]
+    assert plain[1, 0] < 0.4  # the background's activations draw heat: near uniform (0.25)
+    mass = _quadrant_masses(relative)
+    assert mass.sum() == pytest.approx(1.0)
+    assert mass[1, 0] > 0.6
+    assert mass[1, 0] > 2 * max(mass[0, 0], mass[0, 1], mass[1, 1])
+    # Where the image is its reference, nothing differs: no heat anywhere.
+    assert not gradcam_maps(model, blank, target_layer="layer2", reference=blank).any()
 
 
 def test_heat_mass_inside() -> None:
@@ -124,7 +148,7 @@ def test_linear_head_falls_back_to_the_lasso_surrogate() -> None:
 
 @pytest.mark.parametrize("overrides", [
     ["backbone=resnet18_2d", "backbone.input_size=[64,64]"],
-    ["backbone=resnet18_3d", "backbone.input_size=[16,16,16]"],
+    ["backbone=resnet18_3d", "backbone.input_size=[48,48,48]"],
 ])
 def test_overlays_are_written_with_pseudonyms_and_heat_fractions(
         compose_cfg, rois, tmp_path: Path, overrides: list[str]) -> None:
@@ -156,3 +180,20 @@ def test_overlays_are_written_with_pseudonyms_and_heat_fractions(
     back = {v: k for k, v in alias.items()}
     np.testing.assert_allclose(every.loc[[back[a] for a in result.index], "heat_mass_inside"],
                                result.heat_mass_inside)  # deterministic
+
+
+def test_overlays_reference_is_checked_and_can_be_turned_off(compose_cfg, rois,
+                                                             tmp_path: Path) -> None:
+    cfg = compose_cfg("backbone=resnet18_2d", "backbone.input_size=[64,64]",
+                      "backbone.weights=random")
+    head = LinearHead(weights=pd.Series([1.0, -1.0], index=["dl_0001", "dl_0002"]),
+                      offset=0.0, source="lasso")
+    kwargs = {"preprocess": cfg.preprocess, "roi": cfg.roi, "backbone": cfg.backbone,
+              "seed": 0, "head": head, "n": 2}
+    with pytest.raises(ValueError, match="gradcam_reference must be one of"):
+        gradcam_overlays(rois, out_dir=tmp_path / "bad", reference="blank", **kwargs)
+    plain = gradcam_overlays(rois, out_dir=tmp_path / "plain", reference="none", **kwargs)
+    relative = gradcam_overlays(rois, out_dir=tmp_path / "rel", **kwargs)
+    assert list(plain.index) == list(relative.index)
+    assert plain.heat_mass_inside.dropna().between(0.0, 1.0).all()
+    assert not np.allclose(plain.heat_mass_inside, relative.heat_mass_inside)

@@ -13,7 +13,14 @@ the head outputs ``(score, -score)`` and MONAI's ``GradCAM`` explains the larger
 
 The heat map is MONAI's ``GradCAM`` (ReLU of the gradient-weighted activations of a target
 layer, upsampled to the crop) without its default min-max normaliser, which would invert it
-and lose the mass that :func:`heat_mass_inside` measures. It explains the un-augmented view
+and lose the mass that :func:`heat_mass_inside` measures. By default
+(``evaluation.gradcam_reference: without_tumour``) the activations are taken relative to those
+of the same crop with the dilated tumour blanked (:class:`ReferenceGradCAM`): the crop's
+background (zero outside a masked crop) normalises to a non-zero input whose activations are
+the same for every patient and carry no evidence, yet plain Grad-CAM spreads heat over them (on
+the embedded cohort with random weights its share inside the dilated mask is no more than the
+region's share of the crop). Relative to the blanked crop, heat can only come from where the
+tumour changes the activations. It explains the un-augmented view
 (test-time augmentation averages embeddings of flipped views). For the 2.5D modes the map lies
 on the crop's pixel grid shared by its channels; the tumour region is then the union of the
 channels' masks. Overlays show channel 0 (3D crops: the axial slice of largest tumour area).
@@ -49,6 +56,7 @@ from pdl1exp.imaging.crop import TumourROId
 __all__ = [
     "LinearHead",
     "LinearScore",
+    "ReferenceGradCAM",
     "default_target_layer",
     "gradcam_maps",
     "gradcam_overlays",
@@ -60,6 +68,7 @@ log = logging.getLogger(__name__)
 
 _ENCODER = "encoder.backbone."
 _HEAT_ALPHA = 0.6  # opacity of the hottest pixel
+_REFERENCES = ("without_tumour", "none")
 
 
 @dataclass(frozen=True)
@@ -151,7 +160,40 @@ def default_target_layer(net: torch.nn.Module) -> str:
     raise TypeError(msg)
 
 
-def gradcam_maps(model: LinearScore, x: torch.Tensor, *, target_layer: str) -> np.ndarray:
+class ReferenceGradCAM(GradCAM):
+    """MONAI's ``GradCAM`` on activations relative to a reference input's:
+    ``ReLU(sum_k alpha_k (A_k(x) - A_k(reference)))``, with ``alpha_k`` the mean gradient of
+    the explained class at ``x`` (the class, the gradients and the upsampling are MONAI's).
+
+    Args:
+        nn_module: the model to explain.
+        target_layers: the layer whose activations are weighted.
+        reference: ``(B, C, *spatial)`` inputs the activations are taken relative to.
+        **kwargs: passed to ``GradCAM``.
+    """
+
+    def __init__(self, nn_module: torch.nn.Module, target_layers: str, *,
+                 reference: torch.Tensor, **kwargs: Any) -> None:
+        super().__init__(nn_module=nn_module, target_layers=target_layers, **kwargs)
+        self.reference = reference
+
+    def compute_map(self, x: torch.Tensor, class_idx: int | None = None,
+                    retain_graph: bool = False, layer_idx: int = -1,
+                    **kwargs: Any) -> torch.Tensor:
+        """The un-upsampled map (``GradCAM.compute_map`` with the reference subtracted)."""
+        hooked = self.nn_module
+        with torch.no_grad():
+            hooked.model(self.reference, **kwargs)
+        baseline = hooked.activations[hooked.target_layers[layer_idx]]
+        _, acti, grad = hooked(x, class_idx=class_idx, retain_graph=retain_graph, **kwargs)
+        acti, grad = acti[layer_idx], grad[layer_idx]
+        b, c, *spatial = grad.shape
+        weights = grad.view(b, c, -1).mean(2).view(b, c, *[1] * len(spatial))
+        return torch.relu((weights * (acti - baseline)).sum(1, keepdim=True))
+
+
+def gradcam_maps(model: LinearScore, x: torch.Tensor, *, target_layer: str,
+                 reference: torch.Tensor | None = None) -> np.ndarray:
     """Grad-CAM heat maps ``(B, *spatial)``, non-negative, unnormalised, of the class each
     image argues for (the larger output of ``model``).
 
@@ -159,9 +201,14 @@ def gradcam_maps(model: LinearScore, x: torch.Tensor, *, target_layer: str) -> n
         model: the score to explain.
         x: ``(B, C, *spatial)`` crops in [0, 1].
         target_layer: module name inside the backbone (e.g. ``layer4``).
+        reference: crops like ``x`` whose activations are subtracted
+            (:class:`ReferenceGradCAM`); None: plain Grad-CAM.
     """
-    cam = GradCAM(nn_module=model, target_layers=_ENCODER + target_layer,
-                  postprocessing=torch.nn.Identity())
+    layers = _ENCODER + target_layer
+    post = torch.nn.Identity()
+    cam = (GradCAM(nn_module=model, target_layers=layers, postprocessing=post)
+           if reference is None else
+           ReferenceGradCAM(model, layers, reference=reference.float(), postprocessing=post))
     with torch.enable_grad():
         heat = cam(x.float())
     return heat[:, 0].detach().cpu().numpy()
@@ -218,7 +265,7 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
                      backbone: DictConfig, seed: int, head: LinearHead, n: int,
                      out_dir: str | Path, name: Callable[[str], str] = str,
                      finetune: dict[str, Any] | None = None, target_layer: str | None = None,
-                     dpi: int = 100) -> pd.DataFrame:
+                     reference: str = "without_tumour", dpi: int = 100) -> pd.DataFrame:
     """Write Grad-CAM overlay PNGs for a sample of ROIs, ``<out_dir>/<name(patient)>.png``.
 
     The network is the one that embedded these patients: the configured weights, and with
@@ -238,6 +285,8 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
         name: patient_id → file stem and title (a pseudonym for shared reports).
         finetune: ``Extraction.finetune`` when the features were fine-tuned.
         target_layer: Grad-CAM layer inside the backbone; None: :func:`default_target_layer`.
+        reference: ``without_tumour``: activations relative to the crop with the dilated
+            tumour blanked (module docstring); ``none``: plain Grad-CAM.
         dpi: resolution.
 
     Returns:
@@ -247,6 +296,9 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
         get), ``score`` (the centred score: > 0 argues for the positive class),
         ``explains`` (``positive`` or ``negative``: the class the map explains), ``source``.
     """
+    if reference not in _REFERENCES:
+        msg = f"evaluation.gradcam_reference must be one of {_REFERENCES}, got {reference!r}"
+        raise ValueError(msg)
     net, tag = build_network(backbone=backbone, roi=roi, seed=seed)
     if finetune:
         load_finetuned(net, finetune)
@@ -270,7 +322,9 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
         item = {"patient_id": pid, "image": row["image"], "mask": row["mask"],
                 "seed": row.get("seed")}
         image, mask, dilated = _crops(item, pre, crop, filter_size=filter_size)
-        heat = gradcam_maps(model, image[None], target_layer=layer)[0]
+        blanked = (image * torch.as_tensor(~dilated, dtype=image.dtype))[None]
+        heat = gradcam_maps(model, image[None], target_layer=layer,
+                            reference=blanked if reference == "without_tumour" else None)[0]
         with torch.no_grad():
             score = float(model(image[None].float())[0, 0])
         inside = heat_mass_inside(heat, dilated)
