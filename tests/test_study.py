@@ -30,6 +30,7 @@ def test_study_sweeps_roi_backbone_and_weights_as_normal_dlr_runs() -> None:
         assert list(cfg.study.metrics) == METRICS
         assert (cfg.feature_sets, cfg.evaluation.primary, cfg.tuning.protocol) == (
             ["dlr"], "dlr", "nested")  # logs test_auc and nested_dlr_auc on the parent
+        assert list(cfg.classifier) == ["lr"]  # one pre-specified model: inputs compared alone
         for combination in itertools.product(*(
                 [f"{k}={v}" for v in values] for k, values in sweep.items())):
             job = compose("config", overrides=["+experiment=dlr_study", *combination])
