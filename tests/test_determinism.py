@@ -19,6 +19,8 @@ from tests.test_tuning import model_cfg, table
 from pdl1exp.models.tuning import sweep
 
 cfg = model_cfg("[lr,knn]", "lasso", n_trials=12, cv_folds=3, n_jobs=int(sys.argv[1]))
+cfg["tuning"]["pruner"] = {"_target_": "optuna.pruners.MedianPruner",
+                          "n_startup_trials": 5, "n_warmup_steps": 1}
 X, y = table(seed=3, n=60, p=30, n_planted=3)
 results = sweep(X, y, classifiers=cfg["classifier"], selection_cfg=cfg["selection"],
                 tuning_cfg=cfg["tuning"], storage=f"sqlite:///{sys.argv[2]}",
