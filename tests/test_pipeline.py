@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
+from monai.networks.nets import resnet50
 
 from pdl1exp.data.manifest import CohortError
 from pdl1exp.pipeline import run
@@ -110,6 +113,30 @@ def test_bad_manifest_ends_the_run_failed(compose_cfg, tmp_path: Path) -> None:
     (failed,) = _runs(tmp_path, "clinical")
     assert failed.info.status == "FAILED"
     assert "CohortError" in failed.data.tags["error"]
+
+
+def test_fmcib_from_a_checkpoint_file_runs_the_smoke_experiment(compose_cfg,
+                                                               tmp_path: Path) -> None:
+    """``backbone=fmcib_3d`` with weights from a file in FMCIB's format (trunk_state_dict
+    beside the head, made here) through the whole smoke experiment."""
+    torch.manual_seed(1)
+    trunk = resnet50(n_input_channels=1, widen_factor=2, conv1_t_stride=2, feed_forward=False)
+    path = tmp_path / "fmcib.torch"
+    torch.save({"trunk_state_dict": trunk.state_dict(), "head_state_dict": {}}, path)
+    cfg = compose_cfg("+experiment=smoke", "backbone=fmcib_3d", f"backbone.weights={path}",
+                      "backbone.input_size=[16,16,16]", "feature_sets=[dlr]",
+                      "evaluation.primary=dlr", "classifier=lr", *tiny_overrides(tmp_path))
+    assert (cfg.roi.mode, cfg.preprocess.spacing_mm) == ("seed_patch_3d", [1.0, 1.0, 1.0])
+    run(cfg)
+    (parent,) = [r for r in _runs(tmp_path, "smoke") if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED"
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    assert parent.data.tags["backbone_weights"] == f"file:{sha}"
+    assert 0.0 <= parent.data.metrics["test_auc"] <= 1.0
+    folder = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,
+                                                 dst_path=str(tmp_path / "artifacts"))
+    selected = pd.read_csv(Path(folder) / "selected_features.csv")
+    assert selected.to_string().count("dl_") > 0  # FMCIB's 4096 features reached the model
 
 
 @pytest.mark.slow
