@@ -19,6 +19,7 @@ from pdl1exp.features.backbones import build_backbone
 from pdl1exp.features.explain import (
     LinearHead,
     LinearScore,
+    explained_class,
     gradcam_maps,
     gradcam_overlays,
     heat_mass_inside,
@@ -98,6 +99,18 @@ def test_reference_keeps_the_heat_on_the_blob_over_a_background_that_is_not_neut
     assert not gradcam_maps(model, blank, target_layer="layer2", reference=blank).any()
 
 
+def test_with_a_reference_the_map_explains_how_the_crop_moves_the_score() -> None:
+    model, image, blank = _blob_score(0, 64, centre=(48, 16), background=0.0)
+    with torch.no_grad():
+        raw = float(model(image)[0, 0])
+    shifted = LinearScore(model.encoder.backbone, weight=model.head.weight[0].detach(),
+                          mean=NEUTRAL_MEAN, std=NEUTRAL_STD, offset=raw + 1.0).eval()
+    assert explained_class(shifted, image) == 1  # the crop argues for "negative"...
+    assert explained_class(shifted, image, blank) == 0  # ...yet the blob raises its score
+    heat = gradcam_maps(shifted, image, target_layer="layer2", reference=blank)[0]
+    assert _quadrant_masses(heat)[1, 0] > 0.6
+
+
 def test_heat_mass_inside() -> None:
     heat = np.array([[0.0, 1.0], [3.0, 0.0]])
     assert heat_mass_inside(heat, heat > 2) == pytest.approx(0.75)
@@ -170,7 +183,8 @@ def test_overlays_are_written_with_pseudonyms_and_heat_fractions(
     assert result.heat_mass_inside.notna().any()
     assert result.heat_mass_inside.dropna().between(0.0, 1.0).all()
     assert set(result.explains) <= {"positive", "negative"}
-    assert ((result.score >= 0) == (result.explains == "positive")).all()
+    # The map explains how the tumour moves the score away from the blanked crop's.
+    assert ((result.score >= result.reference_score) == (result.explains == "positive")).all()
     assert result.area_inside.between(0.0, 1.0).all()
     assert (result.source == "lasso").all()
     every = gradcam_overlays(rois, preprocess=cfg.preprocess, roi=cfg.roi,
@@ -196,4 +210,6 @@ def test_overlays_reference_is_checked_and_can_be_turned_off(compose_cfg, rois,
     relative = gradcam_overlays(rois, out_dir=tmp_path / "rel", **kwargs)
     assert list(plain.index) == list(relative.index)
     assert plain.heat_mass_inside.dropna().between(0.0, 1.0).all()
+    assert plain.reference_score.isna().all()
+    assert ((plain.score >= 0) == (plain.explains == "positive")).all()  # the argued class
     assert not np.allclose(plain.heat_mass_inside, relative.heat_mass_inside)

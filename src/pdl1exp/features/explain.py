@@ -8,19 +8,22 @@ surrogate of the classifier. Both are ``score = sum_j coef_j * (emb_j - mean_j) 
 the scaler's training mean and sd, i.e. ``w . emb - offset`` with ``w_j = coef_j / sd_j``:
 centred on the average training patient, so its sign says which class this image argues for.
 Imputation does not change the gradient and the filters only drop columns. Grad-CAM keeps
-positive evidence only (a ReLU), so each patient's map explains the class its image argues for:
-the head outputs ``(score, -score)`` and MONAI's ``GradCAM`` explains the larger.
+positive evidence only (a ReLU) of one output: the head outputs ``(score, -score)`` and
+:func:`explained_class` picks which.
 
 The heat map is MONAI's ``GradCAM`` (ReLU of the gradient-weighted activations of a target
 layer, upsampled to the crop) without its default min-max normaliser, which would invert it
 and lose the mass that :func:`heat_mass_inside` measures. By default
 (``evaluation.gradcam_reference: without_tumour``) the activations are taken relative to those
-of the same crop with the dilated tumour blanked (:class:`ReferenceGradCAM`): the crop's
-background (zero outside a masked crop) normalises to a non-zero input whose activations are
-the same for every patient and carry no evidence, yet plain Grad-CAM spreads heat over them (on
-the embedded cohort with random weights its share inside the dilated mask is no more than the
-region's share of the crop). Relative to the blanked crop, heat can only come from where the
-tumour changes the activations. It explains the un-augmented view
+of the same crop with the dilated tumour blanked (:class:`ReferenceGradCAM`), and the map
+explains the direction in which the tumour moves the score away from the blanked crop's. The
+crop's background (zero outside a masked crop) normalises to a non-zero input whose
+activations are the same for every patient and carry no evidence, yet plain Grad-CAM spreads
+heat over them: on the embedded cohort with random weights its share inside the dilated mask
+was no more than the region's share of the crop. A blanked crop scores far on the negative
+side there, so evidence relative to it is evidence of the tumour itself, whichever class the
+patient is predicted. With ``none``, plain Grad-CAM explains the class the crop argues for
+(the sign of its centred score). It explains the un-augmented view
 (test-time augmentation averages embeddings of flipped views). For the 2.5D modes the map lies
 on the crop's pixel grid shared by its channels; the tumour region is then the union of the
 channels' masks. Overlays show channel 0 (3D crops: the axial slice of largest tumour area).
@@ -58,6 +61,7 @@ __all__ = [
     "LinearScore",
     "ReferenceGradCAM",
     "default_target_layer",
+    "explained_class",
     "gradcam_maps",
     "gradcam_overlays",
     "heat_mass_inside",
@@ -192,10 +196,24 @@ class ReferenceGradCAM(GradCAM):
         return torch.relu((weights * (acti - baseline)).sum(1, keepdim=True))
 
 
+def explained_class(model: LinearScore, x: torch.Tensor,
+                    reference: torch.Tensor | None = None) -> int:
+    """The output of ``model`` a map of the single crop ``x`` explains: 0 (evidence for
+    positive) or 1 (negative). Without a reference, the class the crop argues for (the sign
+    of its centred score); with one, the direction in which the crop moves the score away
+    from the reference's (what its activations relative to the reference can account for).
+    """
+    with torch.no_grad():
+        out = model(x.float())
+        if reference is not None:
+            out = out - model(reference.float())
+    return int(out[0].argmax())
+
+
 def gradcam_maps(model: LinearScore, x: torch.Tensor, *, target_layer: str,
                  reference: torch.Tensor | None = None) -> np.ndarray:
-    """Grad-CAM heat maps ``(B, *spatial)``, non-negative, unnormalised, of the class each
-    image argues for (the larger output of ``model``).
+    """Grad-CAM heat maps ``(B, *spatial)``, non-negative, unnormalised, one crop at a time,
+    each of the class :func:`explained_class` picks.
 
     Args:
         model: the score to explain.
@@ -208,10 +226,17 @@ def gradcam_maps(model: LinearScore, x: torch.Tensor, *, target_layer: str,
     post = torch.nn.Identity()
     cam = (GradCAM(nn_module=model, target_layers=layers, postprocessing=post)
            if reference is None else
-           ReferenceGradCAM(model, layers, reference=reference.float(), postprocessing=post))
-    with torch.enable_grad():
-        heat = cam(x.float())
-    return heat[:, 0].detach().cpu().numpy()
+           ReferenceGradCAM(model, layers, reference=reference[:1].float(), postprocessing=post))
+    maps = []
+    for i in range(len(x)):
+        crop = x[i:i + 1].float()
+        ref = None if reference is None else reference[i:i + 1].float()
+        if isinstance(cam, ReferenceGradCAM):
+            cam.reference = ref
+        with torch.enable_grad():
+            heat = cam(crop, class_idx=explained_class(model, crop, ref))
+        maps.append(heat[0, 0].detach().cpu().numpy())
+    return np.stack(maps)
 
 
 def heat_mass_inside(heat: np.ndarray, region: np.ndarray) -> float:
@@ -294,7 +319,9 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
         the heat map's mass inside the tumour mask dilated by ``roi.mask_dilation_mm``) and
         ``area_inside`` (that region's share of the crop: the fraction a uniform map would
         get), ``score`` (the centred score: > 0 argues for the positive class),
-        ``explains`` (``positive`` or ``negative``: the class the map explains), ``source``.
+        ``reference_score`` (the blanked crop's; NaN without a reference), ``explains``
+        (``positive`` or ``negative``: the output the map explains, :func:`explained_class`),
+        ``source``.
     """
     if reference not in _REFERENCES:
         msg = f"evaluation.gradcam_reference must be one of {_REFERENCES}, got {reference!r}"
@@ -323,10 +350,13 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
                 "seed": row.get("seed")}
         image, mask, dilated = _crops(item, pre, crop, filter_size=filter_size)
         blanked = (image * torch.as_tensor(~dilated, dtype=image.dtype))[None]
-        heat = gradcam_maps(model, image[None], target_layer=layer,
-                            reference=blanked if reference == "without_tumour" else None)[0]
+        relative_to = blanked if reference == "without_tumour" else None
+        heat = gradcam_maps(model, image[None], target_layer=layer, reference=relative_to)[0]
         with torch.no_grad():
             score = float(model(image[None].float())[0, 0])
+            reference_score = (float("nan") if relative_to is None
+                               else float(model(relative_to.float())[0, 0]))
+        explains = explained_class(model, image[None], relative_to)
         inside = heat_mass_inside(heat, dilated)
         views = (image[0].numpy(), heat, mask, dilated)
         if heat.ndim == 3:
@@ -337,7 +367,8 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
         path = _overlay(folder / f"{stem}.png", *views, title=title, dpi=dpi)
         rows.append({"name": stem, "path": str(path), "heat_mass_inside": inside,
                      "area_inside": float(dilated.mean()), "score": score,
-                     "explains": "positive" if score >= 0 else "negative",
+                     "reference_score": reference_score,
+                     "explains": ("positive", "negative")[explains],
                      "source": head.source})
     log.info("Grad-CAM (%s, %s score) of %d patients: median %.0f%% of the heat in the tumour",
              layer, head.source, len(rows),
