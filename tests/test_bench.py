@@ -5,6 +5,7 @@ No assertion depends on how fast anything ran: clocks are replaced where times a
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -129,6 +130,23 @@ def test_ratios_judge_each_target() -> None:
     assert verdicts == {"cold_s": (2.0, False), "warm_s": (0.8, True),
                         "peak_rss_mb": (1000.0 / 3072.0, True),
                         "bf16_fraction_of_peak": (0.8 / 0.75, True)}
+
+
+def test_only_reruns_its_sections_and_keeps_the_others(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    suites = {"statistics": lambda: {"delong_ci_s": 0.5},
+              "radiomics": lambda: pytest.fail("--only statistics ran radiomics")}
+    monkeypatch.setattr(bench_main, "_suites", lambda quick: suites)
+    (tmp_path / "BENCHMARKS.json").write_text(json.dumps({
+        "machine": {"platform": "earlier"}, "radiomics": {"patients": 4},
+        "statistics": {"delong_ci_s": 2.0}, "targets": []}))
+    bench_main.main(["--only", "statistics", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "BENCHMARKS.json").read_text())
+    assert report["statistics"] == {"delong_ci_s": 0.5}
+    assert report["radiomics"] == {"patients": 4}
+    assert report["machine"]["sections_from_an_earlier_run"] == ["radiomics"]
+    assert [t["value"] for t in report["targets"]] == [0.5]
+    assert "`patients` | 4" in (tmp_path / "BENCHMARKS.md").read_text()
 
 
 def test_backbone_bench_has_the_contract_keys_on_tiny_inputs() -> None:

@@ -1,6 +1,8 @@
 """``make bench``: run every benchmark and write experiments/BENCHMARKS.md and .json.
 
-``python -m pdl1exp.bench [--quick] [--only SECTION ...] [--out FOLDER]``. ``--quick`` (what
+``python -m pdl1exp.bench [--quick] [--only SECTION ...] [--out FOLDER]``. ``--only`` reruns
+those sections and keeps the others of an existing report (listed under ``machine`` as from
+an earlier run). ``--quick`` (what
 ``make bench BENCH_QUICK=1`` passes) keeps the scaling to 100, 240 and the e2e 352-patient
 cold run (no 1000/3000) so the whole benchmark stays under 30 min on 2 shared cores.
 """
@@ -179,6 +181,10 @@ def main(argv: list[str] | None = None) -> None:
                     "load_average_1m_at_start": os.getloadavg()[0],
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
     }
+    if args.only:  # the other sections of an existing report stay, marked as earlier
+        earlier = _earlier(Path(args.out), keep=set(suites) - set(args.only))
+        results["machine"]["sections_from_an_earlier_run"] = sorted(earlier)
+        results.update(earlier)
     for name, suite in suites.items():
         if args.only and name not in args.only:
             continue
@@ -187,6 +193,15 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = suite()
         log.info("Benchmark %s took %.0f s", name, time.perf_counter() - start)
         _write(Path(args.out), results, quick=args.quick)  # after each: a partial report
+
+
+def _earlier(folder: Path, *, keep: set[str]) -> dict[str, Any]:
+    """The ``keep`` sections of ``folder``'s existing BENCHMARKS.json (none without one)."""
+    path = folder / "BENCHMARKS.json"
+    if not path.is_file():
+        return {}
+    return {name: value for name, value in json.loads(path.read_text()).items()
+            if name in keep}
 
 
 def _write(folder: Path, results: dict[str, Any], *, quick: bool) -> None:
