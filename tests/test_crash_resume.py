@@ -69,7 +69,10 @@ def test_stale_running_runs_are_closed_as_killed(tmp_path: Path) -> None:
     reasons = {r: client.get_run(r).data.tags[END_REASON_TAG]
                for r in (dead_here, silent, silent_child, legacy)}
     assert "is gone" in reasons[dead_here]
-    assert "no heartbeat for 1000 s" in reasons[silent]
+    # The age is counted when the cleanup runs: a loaded machine may add seconds.
+    age = re.search(r"no heartbeat for (\d+) s", reasons[silent])
+    assert age is not None
+    assert 1000 <= int(age.group(1)) <= 1001 + time.time() - now  # rounded
     assert f"parent run {silent}" in reasons[silent_child]
     assert "no heartbeat" in reasons[legacy]
     # ended at the last sign of life, not at the cleanup
