@@ -4,7 +4,9 @@
 those sections and keeps the others of an existing report (listed under ``machine`` as from
 an earlier run). ``--quick`` (what
 ``make bench BENCH_QUICK=1`` passes) keeps the scaling to 100, 240 and the e2e 352-patient
-cold run (no 1000/3000) so the whole benchmark stays under 30 min on 2 shared cores.
+cold run (no 1000/3000). Each cold run is dominated by the sweep (about 6-7 min on 2 cores
+whatever the cohort size), so the quick subset takes about 40 min there
+(experiments/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -163,7 +165,7 @@ def _suites(quick: bool) -> dict[str, Callable[[], dict[str, Any]]]:
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmarks and write the report beside experiments/README.md."""
     parser = argparse.ArgumentParser(prog="python -m pdl1exp.bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="the < 30 min subset")
+    parser.add_argument("--quick", action="store_true", help="no 1000/3000-patient scaling runs")
     parser.add_argument("--only", nargs="+", help="run these sections only")
     parser.add_argument("--out", default="experiments", help="folder of BENCHMARKS.*")
     args = parser.parse_args(argv)
