@@ -7,9 +7,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
+from monai.networks.nets import resnet50
 from omegaconf import DictConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -19,6 +21,19 @@ TINY = {
     "n_patients": 16, "shape_xy": [64, 64], "z_extent_mm": 30.0,
     "spacing_xy_mm": [0.9, 1.1], "slice_spacings_mm": [1.5, 2.5], "n_jobs": 1,
 }
+
+
+def fmcib_trunk() -> torch.nn.Module:
+    """FMCIB's trunk as fmcib/models/resnet50.py builds it (MONAI defaults otherwise)."""
+    return resnet50(pretrained=False, n_input_channels=1, widen_factor=2, conv1_t_stride=2,
+                    feed_forward=False)
+
+
+def fmcib_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> Path:
+    """A file in fmcib.torch's format: the trunk under trunk_state_dict, beside the head."""
+    head = {"0.0.weight": torch.zeros(2048, 4096), "0.0.bias": torch.zeros(2048)}
+    torch.save({"trunk_state_dict": state, "head_state_dict": head}, path)
+    return path
 
 
 @pytest.fixture

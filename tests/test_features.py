@@ -11,7 +11,6 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from monai.data import MetaTensor
-from monai.networks.nets import resnet50
 from omegaconf import OmegaConf
 
 from pdl1exp.data.manifest import load_cohort
@@ -21,6 +20,7 @@ from pdl1exp.features.extract import extract_features, feature_key
 from pdl1exp.features.extractor import DeepFeatureExtractor
 from pdl1exp.imaging.crop import TumourROId
 from pdl1exp.imaging.preprocess import build_transforms
+from tests.conftest import fmcib_checkpoint, fmcib_trunk
 
 SMALL = ["backbone=resnet18_2d", "backbone.input_size=[32,32]", "backbone.precision=32-true",
          "backbone.batch_size=4"]
@@ -289,9 +289,7 @@ def test_seed_patch_through_fmcibs_preprocessing(compose_cfg, rois) -> None:
 def test_fmcib_extracts_end_to_end(compose_cfg, rois, tmp_path: Path) -> None:
     """fmcib_3d from a checkpoint in FMCIB's format, through ``extract_features``."""
     torch.manual_seed(1)
-    trunk = resnet50(n_input_channels=1, widen_factor=2, conv1_t_stride=2, feed_forward=False)
-    path = tmp_path / "fmcib.torch"
-    torch.save({"trunk_state_dict": trunk.state_dict(), "head_state_dict": {}}, path)
+    path = fmcib_checkpoint(tmp_path / "fmcib.torch", fmcib_trunk().state_dict())
     cfg = compose_cfg("backbone=fmcib_3d", "backbone.input_size=[16,16,16]",
                       f"backbone.weights={path}", "backbone.precision=32-true",
                       "backbone.num_workers=0")

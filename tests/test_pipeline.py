@@ -12,11 +12,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
-from monai.networks.nets import resnet50
 
 from pdl1exp.data.manifest import CohortError
 from pdl1exp.pipeline import run
-from tests.conftest import tiny_overrides
+from tests.conftest import fmcib_checkpoint, fmcib_trunk, tiny_overrides
 
 
 def _runs(root: Path, experiment: str) -> list:
@@ -120,9 +119,7 @@ def test_fmcib_from_a_checkpoint_file_runs_the_smoke_experiment(compose_cfg,
     """``backbone=fmcib_3d`` with weights from a file in FMCIB's format (trunk_state_dict
     beside the head, made here) through the whole smoke experiment."""
     torch.manual_seed(1)
-    trunk = resnet50(n_input_channels=1, widen_factor=2, conv1_t_stride=2, feed_forward=False)
-    path = tmp_path / "fmcib.torch"
-    torch.save({"trunk_state_dict": trunk.state_dict(), "head_state_dict": {}}, path)
+    path = fmcib_checkpoint(tmp_path / "fmcib.torch", fmcib_trunk().state_dict())
     cfg = compose_cfg("+experiment=smoke", "backbone=fmcib_3d", f"backbone.weights={path}",
                       "backbone.input_size=[16,16,16]", "feature_sets=[dlr]",
                       "evaluation.primary=dlr", "classifier=lr", *tiny_overrides(tmp_path))

@@ -23,6 +23,7 @@ from pdl1exp.features.weights import (
     input_normalisation,
     load_weights,
 )
+from tests.conftest import fmcib_checkpoint, fmcib_trunk
 
 BOTTLENECK_LAYERS = (3, 4, 6, 3)  # torchvision resnet50
 BASIC_LAYERS = (2, 2, 2, 2)  # torchvision resnet18
@@ -301,23 +302,10 @@ def test_input_normalisation_follows_the_weights():
         input_normalisation("medicalnet:0")
 
 
-def _fmcib_trunk() -> torch.nn.Module:
-    """FMCIB's trunk as fmcib/models/resnet50.py builds it (MONAI defaults otherwise)."""
-    return resnet50(pretrained=False, n_input_channels=1, widen_factor=2, conv1_t_stride=2,
-                    feed_forward=False)
-
-
-def _fmcib_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> Path:
-    """A file in fmcib.torch's format: the trunk under trunk_state_dict, beside the head."""
-    head = {"0.0.weight": torch.zeros(2048, 4096), "0.0.bias": torch.zeros(2048)}
-    torch.save({"trunk_state_dict": state, "head_state_dict": head}, path)
-    return path
-
-
 def test_fmcib_checkpoint_loads_strictly(tmp_path):
     torch.manual_seed(7)
-    trunk = _fmcib_trunk()
-    path = _fmcib_checkpoint(tmp_path / "fmcib.torch", trunk.state_dict())
+    trunk = fmcib_trunk()
+    path = fmcib_checkpoint(tmp_path / "fmcib.torch", trunk.state_dict())
     net = build_backbone(name="fmcib_resnet50", spatial_dims=3, in_channels=1)
     tag = load_weights(net, weights=str(path), seed=0, arch="fmcib_resnet50")
     assert tag == f"file:{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
@@ -329,11 +317,11 @@ def test_fmcib_checkpoint_loads_strictly(tmp_path):
 
 
 def test_fmcib_checkpoint_that_does_not_fit_lists_the_keys(tmp_path):
-    state = _fmcib_trunk().state_dict()
+    state = fmcib_trunk().state_dict()
     bias = state.pop("layer2.0.downsample.0.bias")  # a trunk without bias_downsample
     state["layer9.extra"] = bias
     state["conv1.weight"] = torch.zeros(128, 3, 7, 7, 7)  # three input channels
-    path = _fmcib_checkpoint(tmp_path / "fmcib.torch", state)
+    path = fmcib_checkpoint(tmp_path / "fmcib.torch", state)
     net = build_backbone(name="fmcib_resnet50", spatial_dims=3, in_channels=1)
     with pytest.raises(ValueError, match="fit the fmcib_resnet50 backbone") as info:
         load_weights(net, weights=str(path), seed=0, arch="fmcib_resnet50")
