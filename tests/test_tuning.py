@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import pickle
@@ -313,14 +314,24 @@ def test_a_wall_clock_budget_is_flagged_as_incomparable(tmp_path, caplog):
     X, y = table(seed=7, n=60, p=10, n_planted=2)
     storage = {"storage": f"sqlite:///{tmp_path}/optuna.db", "study_name": "clock"}
     tune(X, y, model_cfg("lr", "none", n_trials=1, cv_folds=3), **storage)
-    # An expired clock starts no trial: the resumed study keeps its one of three.
-    cfg = model_cfg("lr", "none", n_trials=3, cv_folds=3, timeout_s=1e-9)
-    with caplog.at_level(logging.WARNING, logger="pdl1exp.models.tuning"):
+    # An expired clock starts no trial: the resumed study keeps its one of three. Optuna's
+    # clock ticks in microseconds, so on a fast machine no time at all may pass before its
+    # first check: every reading of this clock is a second after the previous one.
+    ticks = iter(range(10**6))
+
+    class Clock(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2026, 1, 1) + datetime.timedelta(seconds=next(ticks))
+
+    cfg = model_cfg("lr", "none", n_trials=3, cv_folds=3, timeout_s=0.5)
+    clock = mock.patch("optuna.study._optimize.datetime", SimpleNamespace(datetime=Clock))
+    with clock, caplog.at_level(logging.WARNING, logger="pdl1exp.models.tuning"):
         result = tune(X, y, cfg, **storage)
-    assert result.n_trials == 1
-    assert "1 of 3 trials completed within tuning.timeout_s" in caplog.text
-    with pytest.raises(RuntimeError, match="no complete trial"):
-        tune(X, y, cfg, storage=None, study_name="clock")
+        assert result.n_trials == 1
+        assert "1 of 3 trials completed within tuning.timeout_s" in caplog.text
+        with pytest.raises(RuntimeError, match="no complete trial"):
+            tune(X, y, cfg, storage=None, study_name="clock")
 
 
 def test_selection_is_fitted_once_per_fold_and_once_for_every_final_model():
