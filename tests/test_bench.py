@@ -146,7 +146,11 @@ def test_only_reruns_its_sections_and_keeps_the_others(monkeypatch: pytest.Monke
     assert report["radiomics"] == {"patients": 4}
     assert report["machine"]["sections_from_an_earlier_run"] == ["radiomics"]
     assert [t["value"] for t in report["targets"]] == [0.5]
-    assert "`patients` | 4" in (tmp_path / "BENCHMARKS.md").read_text()
+    markdown = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "`patients` | 4" in markdown
+    assert "Kept from an earlier run, which may have been on another machine: radiomics" in markdown
+    assert report["machine"]["processor"]
+    assert report["machine"]["cpu_capability"]
 
 
 def test_backbone_bench_has_the_contract_keys_on_tiny_inputs() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any, ClassVar
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,8 @@ from pdl1exp.models.clinical import signature, signature_column
 from pdl1exp.models.fitting import crossfit_out_of_fold, fit_feature_sets
 from pdl1exp.models.nested import nested_estimates
 from pdl1exp.models.results import ModelResult
+from pdl1exp.models.selection import LassoSelector
+from pdl1exp.models.tuning import fit_memory
 
 
 def cohort(*, seed: int, n: int = 90, p: int = 30, signal: float = 0.0):
@@ -75,6 +78,28 @@ def test_combined_model_reads_cross_fitted_signatures(compose_cfg) -> None:
     assert fitted.primary("dlr") is dlr
     with pytest.raises(ValueError, match="radiomics"):
         fitted.primary("radiomics")
+
+
+def test_a_second_fit_on_the_same_data_reads_every_selection_from_the_cache(
+        compose_cfg, tmp_path) -> None:
+    table, deep = cohort(seed=3, signal=1.5)
+    splits = holdout(table, seed=3)
+    kwargs = chain(compose_cfg, memory=fit_memory(tmp_path))
+    original = LassoSelector.fit
+    with mock.patch.object(LassoSelector, "fit", autospec=True, side_effect=original) as fit:
+        first = fit_feature_sets(table, {"dlr": deep}, splits, **kwargs)
+        # k CV folds + all rows (sweep); per outer fold k inner folds + its fit rows (combined)
+        k = kwargs["tuning"]["cv_folds"]
+        assert fit.call_count == k + 1 + k * (k + 1)
+        fit.reset_mock()
+        again = fit_feature_sets(table, {"dlr": deep}, splits, **kwargs)
+        assert fit.call_count == 0
+    uncached = fit_feature_sets(table, {"dlr": deep}, splits, **chain(compose_cfg))
+    for other in (again, uncached):
+        for model, expected in zip(other.models, first.models, strict=True):
+            for split, proba in expected.proba.items():
+                pd.testing.assert_series_equal(model.proba[split], proba)
+    assert any(tmp_path.rglob("*.pkl"))
 
 
 def test_spline_columns_reach_the_clinical_and_combined_models(compose_cfg) -> None:
@@ -164,7 +189,9 @@ class RecordingClassifier(ClassifierMixin, BaseEstimator):
 def test_combined_cv_refits_signatures_without_the_fold_it_scores() -> None:
     table, deep = cohort(seed=4, signal=1.5)
     y = table["label"]
-    image = ModelResult("dlr", "spy", 0.5, 0.5, {}, {}, RecordingClassifier())
+    # An image model as the sweep fits it: selection steps, then the classifier.
+    spy = make_pipeline(StandardScaler(), RecordingClassifier()).set_output(transform="pandas")
+    image = ModelResult("dlr", "spy", 0.5, 0.5, {}, {}, spy)
     X = table[["age"]].assign(**{signature_column("dlr"): 0.0})
     pipe = make_pipeline(StandardScaler(), LogisticRegression())
     RecordingClassifier.fits = []

@@ -26,6 +26,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict, train_test_split
 from sklearn.pipeline import Pipeline
 
+from pdl1exp.models import tuning as tuning_module
 from pdl1exp.models.classifiers import build_estimator
 from pdl1exp.models.selection import LassoSelector, build_selection
 from pdl1exp.models.tuning import select_best, sweep, tune_classifier
@@ -134,6 +135,45 @@ def test_oof_equals_refitting_the_whole_pipeline_in_each_fold():
     np.testing.assert_allclose(result.cv_auc_folds, fold_aucs)
     assert result.cv_auc == pytest.approx(np.mean(fold_aucs))
     assert not hasattr(result.best_pipeline.named_steps["classifier"], "coef_")  # unfitted
+
+
+def test_a_finished_sweep_run_again_fits_the_selection_on_all_rows_only(tmp_path):
+    X, y = table(seed=8, n=90, p=40, n_planted=3)
+    cfg = model_cfg("[lr,knn]", "lasso", n_trials=2, cv_folds=3)
+    search = {"selection_cfg": cfg["selection"], "tuning_cfg": cfg["tuning"],
+              "storage": f"sqlite:///{tmp_path}/optuna.db", "study_name": "done"}
+    first = sweep(X, y, classifiers=cfg["classifier"], **search)
+    original = LassoSelector.fit
+    with mock.patch.object(LassoSelector, "fit", autospec=True, side_effect=original) as fit:
+        again = sweep(X, y, classifiers=cfg["classifier"], **search)
+    assert fit.call_count == 1  # every trial is stored: no fold's selection is needed
+    for name, result in again.items():
+        pd.testing.assert_series_equal(result.oof_proba, first[name].oof_proba)
+        np.testing.assert_array_equal(result.model.predict_proba(X),
+                                      first[name].model.predict_proba(X))
+
+
+def test_the_best_trials_oof_probabilities_come_from_its_trial_not_a_refit(tmp_path):
+    X, y = table(seed=2, n=90, p=20, n_planted=3)
+    cfg = model_cfg("lr", "none", n_trials=3, cv_folds=3)
+    fits = mock.patch.object(tuning_module, "_fold_proba", side_effect=tuning_module._fold_proba)
+    with fits as fold_fits:
+        fresh = tune(X, y, cfg)
+    assert fold_fits.call_count == 3 * 3  # the trials' folds only
+    assert "user_attrs_oof_proba" not in fresh.trials  # kept out of trials.csv
+    # A study stored before trials kept their OOF probabilities: its best trial's are refitted.
+    storage = {"storage": f"sqlite:///{tmp_path}/optuna.db", "study_name": "older"}
+    with mock.patch.object(tuning_module, "_OOF", "not_stored"):
+        tune(X, y, cfg, **storage)
+    with fits as fold_fits:
+        resumed = tune(X, y, cfg, **storage)
+    assert fold_fits.call_count == 3
+    for result in (fresh, resumed):
+        splits = StratifiedKFold(3, shuffle=True, random_state=cfg["tuning"]["random_state"])
+        expected = cross_val_predict(result.best_pipeline, X, y, cv=splits,
+                                     method="predict_proba")
+        np.testing.assert_allclose(result.oof_proba.to_numpy(), expected[:, 1], rtol=0,
+                                   atol=1e-12)
 
 
 def test_same_seed_same_sweep_and_planted_features_found():

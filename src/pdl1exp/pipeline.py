@@ -49,7 +49,7 @@ from pdl1exp.models.fitting import fit_feature_sets
 from pdl1exp.models.nested import nested_estimates
 from pdl1exp.models.results import Fitted, ModelResult, held_out_frame
 from pdl1exp.models.selected import SelectedModel
-from pdl1exp.models.tuning import WorkerDone
+from pdl1exp.models.tuning import WorkerDone, fit_memory
 from pdl1exp.multirun import job_tags, study_prefix
 from pdl1exp.reporting import write_outputs
 from pdl1exp.serving import PREDICTIONS_FILE, log_selected_model
@@ -293,6 +293,7 @@ def _experiment(cfg: DictConfig, tags: dict[str, str]) -> float:
              "clinical": _plain(cfg, "clinical"), "classifiers": _plain(cfg, "classifier"),
              "selection": _plain(cfg, "selection"), "tuning": _plain(cfg, "tuning"),
              "study_prefix": study_prefix(cfg.name), "seed": cfg.seed,
+             "memory": fit_memory(Path(cfg.paths.cache_dir) / "fits"),
              "selection_inputs": _selection_inputs(cfg, rois, table["center"],
                                                    splits.index[splits == "train"])}
     fitted = fit_feature_sets(table, features, splits, **chain)

@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         msg = f"--only: unknown section(s) {sorted(unknown)}; choose from {list(suites)}"
         raise SystemExit(msg)
     results: dict[str, Any] = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+        "machine": {"platform": platform.platform(), "processor": _cpu_model(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "torch_threads": torch.get_num_threads(), "quick": args.quick,
                     "cpus": os.cpu_count(),
                     # Other users of the cores make every wall time here longer.
@@ -197,6 +198,17 @@ def main(argv: list[str] | None = None) -> None:
         _write(Path(args.out), results, quick=args.quick)  # after each: a partial report
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; else what :mod:`platform` knows):
+    machines differ between runs, and every wall time depends on it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def _earlier(folder: Path, *, keep: set[str]) -> dict[str, Any]:
     """The ``keep`` sections of ``folder``'s existing BENCHMARKS.json (none without one)."""
     path = folder / "BENCHMARKS.json"
@@ -214,10 +226,15 @@ def _write(folder: Path, results: dict[str, Any], *, quick: bool) -> None:
         json.dumps({**results, "targets": targets}, indent=2, default=str))
     body = "\n".join(_section(name, value) for name, value in results.items()
                      if name != "machine")
+    machine = results["machine"]
+    earlier = machine.get("sections_from_an_earlier_run")
+    kept = (f" Kept from an earlier run, which may have been on another machine: "
+            f"{', '.join(earlier)}." if earlier else "")
     (folder / "BENCHMARKS.md").write_text(
-        f"# Benchmarks\n\nWritten by `make bench` on {results['machine']['platform']} "
-        f"({results['machine']['torch_threads']} torch threads"
-        f"{', quick subset' if quick else ''}).\n\n{_targets_table(targets)}\n{body}")
+        f"# Benchmarks\n\nWritten by `make bench` on {machine['platform']}, "
+        f"{machine['processor']} ({machine['cpu_capability']}; "
+        f"{machine['torch_threads']} torch threads{', quick subset' if quick else ''}).{kept}"
+        f"\n\n{_targets_table(targets)}\n{body}")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from joblib import Memory
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline
 
 from pdl1exp.evaluation import delong_ci, youden_threshold
 from pdl1exp.hashing import content_key, frame_digest
@@ -40,8 +42,8 @@ def image_models(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.Ser
                  centers: pd.Series, *, classifiers: Mapping[str, Any],
                  selection: Mapping[str, Any], tuning: Mapping[str, Any],
                  study_name: str,
-                 selection_inputs: Mapping[str, Mapping[str, Any]] | None = None
-                 ) -> list[ModelResult]:
+                 selection_inputs: Mapping[str, Mapping[str, Any]] | None = None,
+                 memory: Memory | None = None) -> list[ModelResult]:
     """Sweep every classifier on one image feature set, refit each on the training split.
 
     Args:
@@ -56,12 +58,13 @@ def image_models(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.Ser
         study_name: Optuna study prefix (unique per data and config).
         selection_inputs: runtime data of the selection steps (ICC replicates, ComBat
             batches).
+        memory: a cache of fitted selections (:func:`~pdl1exp.models.tuning.fit_memory`).
     """
     train = splits.index[splits == "train"]
     results: dict[str, TuningResult] = sweep(
         X.loc[train], y.loc[train].to_numpy(), classifiers=classifiers, selection_cfg=selection,
         tuning_cfg=tuning, storage=tuning["storage"], study_name=study_name,
-        selection_inputs=selection_inputs)
+        selection_inputs=selection_inputs, memory=memory)
     models = []
     for name, result in results.items():
         model = result.model  # fitted on the training split with the shared selection
@@ -81,8 +84,8 @@ def logistic_model(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.S
                    centers: pd.Series, *, clinical: Mapping[str, Any], numeric: Sequence[str],
                    categorical: Sequence[str], keep: Sequence[str] = (),
                    log: Sequence[str] = (), spline: Sequence[str] = (), folds: int, seed: int,
-                   image: Mapping[str, tuple[ModelResult, pd.DataFrame]] | None = None
-                   ) -> ModelResult:
+                   image: Mapping[str, tuple[ModelResult, pd.DataFrame]] | None = None,
+                   memory: Memory | None = None) -> ModelResult:
     """The clinical (or combined) logistic model, fitted on the training split.
 
     The combined model's CV probabilities cross-fit its signatures inside each CV fold (see
@@ -104,6 +107,7 @@ def logistic_model(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.S
         folds: CV folds for the out-of-fold predictions.
         seed: CV seed.
         image: signature column → (chosen image model, its feature table), for ``combined``.
+        memory: a cache of the image models' fitted selections (:func:`crossfit_out_of_fold`).
     """
     train = splits.index[splits == "train"]
     pipe = clinical_pipeline(clinical, numeric=numeric, categorical=categorical, keep=keep,
@@ -112,7 +116,8 @@ def logistic_model(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.S
         warnings.simplefilter("ignore", category=UserWarning)  # unseen categories in a fold
         if image:
             oof = crossfit_out_of_fold(pipe, X.loc[train], y.loc[train], image=image,
-                                       folds=folds, seed=seed, clip=clinical["signature_clip"])
+                                       folds=folds, seed=seed, clip=clinical["signature_clip"],
+                                       memory=memory)
         else:
             oof = out_of_fold(pipe, X.loc[train], y.loc[train].to_numpy(), folds=folds,
                               seed=seed)
@@ -127,7 +132,7 @@ def logistic_model(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.S
 
 def crossfit_out_of_fold(pipe: Any, X: pd.DataFrame, y: pd.Series, *,
                          image: Mapping[str, tuple[ModelResult, pd.DataFrame]], folds: int,
-                         seed: int, clip: float) -> np.ndarray:
+                         seed: int, clip: float, memory: Memory | None = None) -> np.ndarray:
     """Out-of-fold probabilities of a model on image signatures, cross-fitted per fold.
 
     In each of the ``folds`` stratified folds (the same folds as :func:`out_of_fold`), every
@@ -143,6 +148,8 @@ def crossfit_out_of_fold(pipe: Any, X: pd.DataFrame, y: pd.Series, *,
         folds: number of folds (outer and inner).
         seed: CV seed.
         clip: see :func:`signature`.
+        memory: a cache of the image models' fitted selections: a run on the same data
+            fits none of them again.
     """
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
     oof = np.empty(len(X))
@@ -151,15 +158,23 @@ def crossfit_out_of_fold(pipe: Any, X: pd.DataFrame, y: pd.Series, *,
         y_fit = y.loc[fit_ids].to_numpy()
         fit_columns, held_columns = {}, {}
         for column, (model, features) in image.items():
-            inner = out_of_fold(clone(model.model), features.loc[fit_ids], y_fit, folds=folds,
-                                seed=seed)
-            refit = clone(model.model).fit(features.loc[fit_ids], y_fit)
+            pipeline = _selection_cached(clone(model.model), memory)
+            inner = out_of_fold(pipeline, features.loc[fit_ids], y_fit, folds=folds, seed=seed)
+            refit = clone(pipeline).fit(features.loc[fit_ids], y_fit)
             fit_columns[column] = signature(inner, clip=clip)
             held_columns[column] = signature(
                 refit.predict_proba(features.loc[held_ids])[:, 1], clip=clip)
         fitted = clone(pipe).fit(X.loc[fit_ids].assign(**fit_columns), y_fit)
         oof[held_rows] = fitted.predict_proba(X.loc[held_ids].assign(**held_columns))[:, 1]
     return oof
+
+
+def _selection_cached(model: Pipeline, memory: Memory | None) -> Pipeline:
+    """``model`` (selection steps, then a classifier) with its selection steps as one step
+    whose fits ``memory`` caches (sklearn's ``Pipeline(memory=...)``): the cache holds each
+    fitted selection and its few selected columns, not every intermediate table."""
+    *selection, classifier = model.steps
+    return Pipeline([("selection", Pipeline(selection)), classifier], memory=memory)
 
 
 def combined_table(table: pd.DataFrame, chosen: Mapping[str, ModelResult], *,
@@ -184,8 +199,8 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
                      spline: Sequence[str], clinical: Mapping[str, Any],
                      classifiers: Mapping[str, Any], selection: Mapping[str, Any],
                      tuning: Mapping[str, Any], study_prefix: str, seed: int,
-                     selection_inputs: Mapping[str, Mapping[str, Any]] | None = None
-                     ) -> Fitted:
+                     selection_inputs: Mapping[str, Mapping[str, Any]] | None = None,
+                     memory: Memory | None = None) -> Fitted:
     """Fit every configured feature set on the training split.
 
     Args:
@@ -207,6 +222,8 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
         seed: CV seed of the logistic models.
         selection_inputs: runtime data of the selection steps (ICC replicates, ComBat
             batches).
+        memory: a cache of fitted feature selections
+            (:func:`~pdl1exp.models.tuning.fit_memory`); None fits every one.
 
     Raises:
         WorkerDone: with ``tuning.role`` worker (or a lost claim), after running this
@@ -237,7 +254,7 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
             models = image_models(feature_set, X, y, splits, centers, classifiers=classifiers,
                                   selection=selection, tuning=tuning,
                                   study_name=f"{study_prefix}/{feature_set}/{study}",
-                                  selection_inputs=selection_inputs)
+                                  selection_inputs=selection_inputs, memory=memory)
         except WorkerDone as worker:  # another process finalizes: help on the next set
             done.append(str(worker))
             tuning = {**tuning, "role": "worker"}
@@ -255,5 +272,5 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
         fitted.models.append(logistic_model(
             "combined", fitted.combined_table, y, splits, centers,
             numeric=[*numeric, *signatures], categorical=categorical, keep=signatures,
-            image=image, **logistic))
+            image=image, memory=memory, **logistic))
     return fitted

@@ -8,6 +8,7 @@ protocol whose parts must agree on the same folds.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import socket
@@ -24,8 +25,9 @@ from typing import Any, TypeVar
 import numpy as np
 import optuna
 import pandas as pd
+import sklearn
 from hydra.utils import instantiate
-from joblib import Parallel, delayed
+from joblib import Memory, Parallel, delayed
 from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.study import MaxTrialsCallback
@@ -35,10 +37,12 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
+from sklearn.utils.validation import check_memory
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from tqdm.auto import tqdm
 
+from pdl1exp.hashing import content_key, file_digest
 from pdl1exp.models.classifiers import build_estimator, build_pipeline, suggest_params
 from pdl1exp.models.selection import build_selection
 
@@ -49,6 +53,7 @@ __all__ = [
     "TuningResult",
     "WorkerDone",
     "fail_dead_trials",
+    "fit_memory",
     "open_storage",
     "prepare_folds",
     "select_best",
@@ -62,6 +67,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ROLES = ("auto", "worker", "finalize")
+# The user attribute holding a completed trial's out-of-fold P(y=1), in row order: the
+# best trial's are the sweep's OOF predictions, without refitting its folds.
+_OOF = "oof_proba"
 # When this process started: a finished sweep's claim is taken over by a later command only.
 _STARTED = time.time()
 
@@ -107,17 +115,35 @@ class CVFold:
 class SharedSelection:
     """The selection fitted once per CV fold and once on all rows, shared by every classifier.
 
+    The folds' selections are fitted on first use of :attr:`folds`: a sweep whose trials are
+    all stored (with their out-of-fold probabilities) never needs them.
+
     Attributes:
-        folds: the CV folds, each with the selection fitted on its training part only.
+        X: the feature table, one row per patient.
+        splits: the stratified CV splits, (train, validation) row positions.
+        fit: a fresh selection pipeline fitted on the given rows, and its output on them.
         full: the selection pipeline fitted on all rows (for the final models).
         X_full: ``full``'s output on all rows: the final classifiers' training input.
         y: the 0/1 labels of all rows.
     """
 
-    folds: list[CVFold]
+    X: pd.DataFrame
+    splits: list[tuple[np.ndarray, np.ndarray]]
+    fit: Callable[[np.ndarray, str], tuple[Pipeline, pd.DataFrame]]
     full: Pipeline
     X_full: pd.DataFrame
     y: np.ndarray
+
+    @functools.cached_property
+    def folds(self) -> list[CVFold]:
+        """The CV folds, each with the selection fitted on its training part only."""
+        folds = []
+        for k, (train, val) in enumerate(tqdm(self.splits, desc="Feature selection",
+                                              unit="fold")):
+            selection, X_train = self.fit(train, f"feature selection, fold {k}")
+            folds.append(CVFold(X_train, self.y[train], selection.transform(self.X.iloc[val]),
+                                self.y[val], val))
+        return folds
 
     def final_model(self, estimator: ClassifierMixin) -> Pipeline:
         """Selection + classifier fitted on all rows, without refitting the selection.
@@ -179,8 +205,10 @@ def prepare_folds(
     selection_cfg: Mapping[str, Any],
     tuning_cfg: Mapping[str, Any],
     selection_inputs: Mapping[str, Mapping[str, Any]] | None = None,
+    memory: Memory | str | None = None,
 ) -> SharedSelection:
-    """Fit the selection steps on each stratified fold's training part and on all rows.
+    """Fit the selection steps on all rows, and on each stratified fold's training part when
+    a trial first needs the folds.
 
     The selection has no tuned hyperparameters, so fitting it once per fold and reusing it
     across trials and classifiers gives exactly what refitting the whole pipeline in every
@@ -193,25 +221,45 @@ def prepare_folds(
         selection_cfg: ``cfg.selection``.
         tuning_cfg: ``cfg.tuning`` (``cv_folds``, ``random_state``).
         selection_inputs: runtime data of the selection steps (``build_selection``).
+        memory: a joblib cache of the fitted selections (see :func:`fit_memory`), or None.
     """
     y = _check_xy(X, y)
     splitter = StratifiedKFold(
         tuning_cfg["cv_folds"], shuffle=True, random_state=tuning_cfg["random_state"]
     )
-    plan = [*splitter.split(X, y), (np.arange(len(y)), None)]
-    fits = []
-    for k, (train, _) in enumerate(tqdm(plan, desc="Feature selection", unit="fit")):
-        what = f"feature selection, fold {k}" if k < len(plan) - 1 else "feature selection, all"
-        selection = Pipeline(build_selection(selection_cfg, selection_inputs)).set_output(
-            transform="pandas")
+
+    fit_selection = check_memory(memory).cache(_fit_selection)
+
+    def fit(rows: np.ndarray, what: str) -> tuple[Pipeline, pd.DataFrame]:
         with _counted_convergence_warnings(what):
-            fits.append((selection, selection.fit_transform(X.iloc[train], y[train])))
-    folds = [
-        CVFold(X_train, y[train], selection.transform(X.iloc[val]), y[val], val)
-        for (train, val), (selection, X_train) in zip(plan[:-1], fits[:-1], strict=True)
-    ]
-    full, X_full = fits[-1]
-    return SharedSelection(folds, full, X_full, y)
+            return fit_selection(selection_cfg, selection_inputs, X.iloc[rows], y[rows])
+
+    full, X_full = fit(np.arange(len(y)), "feature selection, all")
+    return SharedSelection(X, list(splitter.split(X, y)), fit, full, X_full, y)
+
+
+def _fit_selection(
+    selection_cfg: Mapping[str, Any], selection_inputs: Mapping[str, Mapping[str, Any]] | None,
+    X: pd.DataFrame, y: np.ndarray,
+) -> tuple[Pipeline, pd.DataFrame]:
+    """A fresh selection pipeline fitted on ``X``, ``y``, and its output on them."""
+    selection = Pipeline(build_selection(selection_cfg, selection_inputs)).set_output(
+        transform="pandas")
+    return selection, selection.fit_transform(X, y)
+
+
+def fit_memory(folder: str | Path) -> Memory:
+    """A joblib cache of fitted feature selections in a subfolder of ``folder`` named by the
+    code that fits them (pdl1exp's model modules, scikit-learn's version).
+
+    A fit is looked up by its inputs (configuration, data and labels, as joblib hashes them),
+    so a run on the same training data reuses every selection fitted before, whatever
+    changed in the classifiers or the tuning; changed code starts an empty cache.
+    """
+    models = Path(__file__).parent
+    code = content_key({"pdl1exp.models": [file_digest(f) for f in sorted(models.glob("*.py"))],
+                        "sklearn": sklearn.__version__})
+    return Memory(Path(folder) / code, verbose=0)
 
 
 @contextmanager
@@ -484,17 +532,33 @@ def _objective(
         probas = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(
             delayed(_fold_proba)(estimator, fold) for fold in selection.folds
         )
-        aucs = []
+        aucs, oof = [], np.empty(len(selection.y))
         for step, (fold, proba) in enumerate(zip(selection.folds, probas, strict=True)):
             aucs.append(float(roc_auc_score(fold.y_val, proba)))
+            oof[fold.val_index] = proba
             trial.report(float(np.mean(aucs)), step)
             if trial.should_prune():
                 raise optuna.TrialPruned
         trial.set_user_attr("fold_aucs", aucs)
+        trial.set_user_attr(_OOF, oof.tolist())  # JSON floats round-trip exactly
         counter.append(trial.number)
         return float(np.mean(aucs))
 
     return objective
+
+
+def _best_oof(
+    best: optuna.trial.FrozenTrial, estimator: ClassifierMixin, selection: SharedSelection
+) -> np.ndarray:
+    """The best trial's out-of-fold probabilities: stored by its trial, refitted only for a
+    trial stored before they were (the folds are the study's, fixed by its name)."""
+    stored = best.user_attrs.get(_OOF)
+    if stored is not None:
+        return np.asarray(stored, dtype=float)
+    oof = np.empty(len(selection.y))
+    for fold in selection.folds:
+        oof[fold.val_index] = _fold_proba(estimator, fold)
+    return oof
 
 
 def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -590,9 +654,7 @@ def _finalize(
     best = max(complete, key=lambda trial: trial.value)  # ties: the earliest, as Optuna's
     best_estimator = build_estimator(spec, best.params)
     with _counted_convergence_warnings(f"refitting {name}"):
-        oof = np.empty(len(selection.y))
-        for fold in selection.folds:
-            oof[fold.val_index] = _fold_proba(best_estimator, fold)
+        oof = _best_oof(best, best_estimator, selection)
         model = selection.final_model(best_estimator)
     n_pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
     logger.info(
@@ -610,7 +672,7 @@ def _finalize(
         cv_auc_folds=list(best.user_attrs["fold_aucs"]),
         n_trials=len(complete),
         n_pruned=n_pruned,
-        trials=study.trials_dataframe(),
+        trials=study.trials_dataframe().drop(columns=f"user_attrs_{_OOF}", errors="ignore"),
         best_pipeline=build_pipeline(selection_cfg, best_estimator, selection_inputs),
         oof_proba=pd.Series(oof, index=X.index, name=name),
         model=model,
@@ -628,6 +690,7 @@ def _tune(
     storage: str | None,
     selection: SharedSelection | None,
     selection_inputs: Mapping[str, Mapping[str, Any]] | None = None,
+    memory: Memory | str | None = None,
 ) -> dict[str, TuningResult]:
     """Run the trials of every study (name -> (spec, study name)), then finalize or not."""
     y = _check_xy(X, y)
@@ -635,7 +698,7 @@ def _tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if selection is None:
         selection = prepare_folds(X, y, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg,
-                                  selection_inputs=selection_inputs)
+                                  selection_inputs=selection_inputs, memory=memory)
     rdb = open_storage(storage, tuning_cfg)
     opened, mine, elapsed = {}, {}, {}
     for name, (spec, study_name) in studies.items():
@@ -730,6 +793,7 @@ def sweep(
     storage: str | None,
     study_name: str,
     selection_inputs: Mapping[str, Mapping[str, Any]] | None = None,
+    memory: Memory | str | None = None,
 ) -> dict[str, TuningResult]:
     """Tune every classifier on the same CV folds and fit each best one on all of ``X``.
 
@@ -747,6 +811,7 @@ def sweep(
         storage: Optuna RDB URL or ``None``.
         study_name: prefix; each classifier's study is ``<study_name>/<classifier>``.
         selection_inputs: runtime data of the selection steps (``build_selection``).
+        memory: a joblib cache of the fitted selections (:func:`fit_memory`), or None.
 
     Raises:
         WorkerDone: this process only ran trials (see ``tuning.role``).
@@ -754,7 +819,7 @@ def sweep(
     return _tune(
         X, y, studies={name: (spec, f"{study_name}/{name}") for name, spec in classifiers.items()},
         claim=study_name, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg, storage=storage,
-        selection=None, selection_inputs=selection_inputs,
+        selection=None, selection_inputs=selection_inputs, memory=memory,
     )
 
 
