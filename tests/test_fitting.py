@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 from unittest import mock
 
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
@@ -92,14 +93,33 @@ def test_a_second_fit_on_the_same_data_reads_every_selection_from_the_cache(
         k = kwargs["tuning"]["cv_folds"]
         assert fit.call_count == k + 1 + k * (k + 1)
         fit.reset_mock()
-        again = fit_feature_sets(table, {"dlr": deep}, splits, **kwargs)
+        # The same features built another way (as a warm run reads them from a cache): two
+        # memory blocks and an object index, which joblib's own hash of a table tells apart.
+        warm = pd.concat([deep.iloc[:, :10], deep.iloc[:, 10:]], axis=1)
+        warm.index = warm.index.astype(object)
+        again = fit_feature_sets(table, {"dlr": warm}, splits, **kwargs)
         assert fit.call_count == 0
     uncached = fit_feature_sets(table, {"dlr": deep}, splits, **chain(compose_cfg))
     for other in (again, uncached):
         for model, expected in zip(other.models, first.models, strict=True):
             for split, proba in expected.proba.items():
-                pd.testing.assert_series_equal(model.proba[split], proba)
+                pd.testing.assert_series_equal(model.proba[split], proba, check_index_type=False)
     assert any(tmp_path.rglob("*.pkl"))
+
+
+def test_stored_trials_are_reused_by_the_same_model_code_only(compose_cfg, tmp_path) -> None:
+    table, deep = cohort(seed=5, signal=1.0)
+    splits = holdout(table, seed=5)
+    kwargs = chain(compose_cfg, feature_sets=["dlr"])
+    kwargs["tuning"] = {**kwargs["tuning"], "storage": f"sqlite:///{tmp_path}/optuna.db"}
+    studies = []
+    for code in ("a", "a", "b"):
+        with mock.patch("pdl1exp.models.fitting.model_code_key", return_value=code):
+            fit_feature_sets(table, {"dlr": deep}, splits, **kwargs)
+        studies.append({s for s in optuna.get_all_study_names(kwargs["tuning"]["storage"])
+                        if not s.endswith(":finalizer") and ":finalizer:" not in s})
+    assert studies[0] == studies[1]  # the same code resumes its study
+    assert len(studies[2]) == 2 * len(studies[0])  # other code starts its own
 
 
 def test_spline_columns_reach_the_clinical_and_combined_models(compose_cfg) -> None:

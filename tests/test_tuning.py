@@ -29,7 +29,7 @@ from sklearn.pipeline import Pipeline
 from pdl1exp.models import tuning as tuning_module
 from pdl1exp.models.classifiers import build_estimator
 from pdl1exp.models.selection import LassoSelector, build_selection
-from pdl1exp.models.tuning import select_best, sweep, tune_classifier
+from pdl1exp.models.tuning import prepare_folds, select_best, sweep, tune_classifier
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -151,6 +151,15 @@ def test_a_finished_sweep_run_again_fits_the_selection_on_all_rows_only(tmp_path
         pd.testing.assert_series_equal(result.oof_proba, first[name].oof_proba)
         np.testing.assert_array_equal(result.model.predict_proba(X),
                                       first[name].model.predict_proba(X))
+
+
+def test_a_shared_selection_pickles_with_its_folds_still_to_fit():
+    X, y = table(seed=9, n=60, p=12, n_planted=2)
+    cfg = model_cfg("lr", "lasso", n_trials=1, cv_folds=3)
+    shared = prepare_folds(X, y, selection_cfg=cfg["selection"], tuning_cfg=cfg["tuning"])
+    restored = pickle.loads(pickle.dumps(shared))
+    for fold, expected in zip(restored.folds, shared.folds, strict=True):
+        pd.testing.assert_frame_equal(fold.X_val, expected.X_val)
 
 
 def test_the_best_trials_oof_probabilities_come_from_its_trial_not_a_refit(tmp_path):

@@ -206,7 +206,7 @@ def _cpu_model() -> str:
         for line in cpuinfo.read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    return platform.processor()
+    return platform.processor() or platform.machine()
 
 
 def _earlier(folder: Path, *, keep: set[str]) -> dict[str, Any]:

@@ -96,6 +96,7 @@ def run(
 
     start = time.perf_counter()
     selection = prepare_folds(X, y, selection_cfg=cfg.selection, tuning_cfg=cfg.tuning)
+    selection.folds  # noqa: B018 - fits the folds' selections (else the first trial would)
     selection_s = time.perf_counter() - start
     per_classifier, results = {}, []
     with tempfile.TemporaryDirectory() as tmp:

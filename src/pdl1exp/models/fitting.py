@@ -22,8 +22,10 @@ from pdl1exp.hashing import content_key, frame_digest
 from pdl1exp.models.clinical import clinical_pipeline, out_of_fold, signature, signature_column
 from pdl1exp.models.results import Fitted, ModelResult, split_probas
 from pdl1exp.models.tuning import (
+    CachedFit,
     TuningResult,
     WorkerDone,
+    model_code_key,
     select_best,
     study_settings,
     sweep,
@@ -170,11 +172,11 @@ def crossfit_out_of_fold(pipe: Any, X: pd.DataFrame, y: pd.Series, *,
 
 
 def _selection_cached(model: Pipeline, memory: Memory | None) -> Pipeline:
-    """``model`` (selection steps, then a classifier) with its selection steps as one step
-    whose fits ``memory`` caches (sklearn's ``Pipeline(memory=...)``): the cache holds each
-    fitted selection and its few selected columns, not every intermediate table."""
+    """``model`` (selection steps, then a classifier) with its selection steps as one
+    :class:`~pdl1exp.models.tuning.CachedFit` step: the cache holds each fitted selection and
+    its few selected columns, not every intermediate table."""
     *selection, classifier = model.steps
-    return Pipeline([("selection", Pipeline(selection)), classifier], memory=memory)
+    return Pipeline([("selection", CachedFit(Pipeline(selection), memory)), classifier])
 
 
 def combined_table(table: pd.DataFrame, chosen: Mapping[str, ModelResult], *,
@@ -248,7 +250,7 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
         X = features[feature_set]
         study = content_key({"features": frame_digest(X.loc[train]), "train": sorted(train),
                              "labels": y.loc[train].tolist(), "selection": selection,
-                             "classifiers": classifiers,
+                             "classifiers": classifiers, "code": model_code_key(),
                              "tuning": study_settings(tuning)})
         try:
             models = image_models(feature_set, X, y, splits, centers, classifiers=classifiers,

@@ -19,41 +19,43 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import optuna
 import pandas as pd
-import sklearn
 from hydra.utils import instantiate
 from joblib import Memory, Parallel, delayed
 from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
-from sklearn.base import ClassifierMixin, clone
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
-from sklearn.utils.validation import check_memory
+from sklearn.utils.validation import check_is_fitted, check_memory
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from tqdm.auto import tqdm
 
-from pdl1exp.hashing import content_key, file_digest
+from pdl1exp.hashing import content_key, file_digest, frame_digest
 from pdl1exp.models.classifiers import build_estimator, build_pipeline, suggest_params
 from pdl1exp.models.selection import build_selection
 
 __all__ = [
     "CVFold",
+    "CachedFit",
     "SharedSelection",
     "TrialSeededSampler",
     "TuningResult",
     "WorkerDone",
     "fail_dead_trials",
     "fit_memory",
+    "model_code_key",
     "open_storage",
     "prepare_folds",
     "select_best",
@@ -70,6 +72,9 @@ ROLES = ("auto", "worker", "finalize")
 # The user attribute holding a completed trial's out-of-fold P(y=1), in row order: the
 # best trial's are the sweep's OOF predictions, without refitting its folds.
 _OOF = "oof_proba"
+# Libraries whose version changes what a selection or a classifier fits.
+_MODEL_LIBRARIES = ("scikit-learn", "numpy", "scipy", "pandas", "neuroCombat", "xgboost",
+                    "xgboost-cpu", "lightgbm")
 # When this process started: a finished sweep's claim is taken over by a later command only.
 _STARTED = time.time()
 
@@ -228,38 +233,90 @@ def prepare_folds(
         tuning_cfg["cv_folds"], shuffle=True, random_state=tuning_cfg["random_state"]
     )
 
-    fit_selection = check_memory(memory).cache(_fit_selection)
-
-    def fit(rows: np.ndarray, what: str) -> tuple[Pipeline, pd.DataFrame]:
-        with _counted_convergence_warnings(what):
-            return fit_selection(selection_cfg, selection_inputs, X.iloc[rows], y[rows])
-
+    selection = Pipeline(build_selection(selection_cfg, selection_inputs)).set_output(
+        transform="pandas")
+    fit = functools.partial(_fit_rows, CachedFit(selection, memory), X, y)
     full, X_full = fit(np.arange(len(y)), "feature selection, all")
     return SharedSelection(X, list(splitter.split(X, y)), fit, full, X_full, y)
 
 
-def _fit_selection(
-    selection_cfg: Mapping[str, Any], selection_inputs: Mapping[str, Mapping[str, Any]] | None,
-    X: pd.DataFrame, y: np.ndarray,
+class CachedFit(TransformerMixin, BaseEstimator):
+    """A transformer whose fits are kept in a joblib cache and read back for the same inputs.
+
+    A fit is looked up by the unfitted transformer (its parameters) and by the *content* of
+    the data and labels: values, index, column names and dtypes. joblib's own hash of a table
+    depends on its memory layout, so the same features computed in a cold run and read from
+    Parquet in a warm one would miss each other's entries.
+
+    Args:
+        transformer: the transformer to fit (e.g. a selection pipeline).
+        memory: a joblib ``Memory`` or its folder (:func:`fit_memory`); None: no cache.
+    """
+
+    def __init__(self, transformer: Any, memory: Memory | str | None = None) -> None:
+        self.transformer = transformer
+        self.memory = memory
+
+    def fit(self, X: pd.DataFrame, y: np.ndarray) -> CachedFit:
+        self.fit_transform(X, y)
+        return self
+
+    def fit_transform(self, X: pd.DataFrame, y: np.ndarray) -> pd.DataFrame:
+        fit = check_memory(self.memory).cache(_fit_transform, ignore=["X", "y"])
+        self.transformer_, out = fit(clone(self.transformer), X, y, data=_data_key(X, y))
+        return out
+
+    def transform(self, X: pd.DataFrame) -> pd.DataFrame:
+        check_is_fitted(self)
+        return self.transformer_.transform(X)
+
+
+def _fit_transform(transformer: Any, X: pd.DataFrame, y: np.ndarray, data: str) -> tuple:
+    """``transformer`` fitted on ``X``, ``y`` and its output on them; ``data`` is what the
+    cache keys them by (:func:`_data_key`)."""
+    return transformer, transformer.fit_transform(X, y)
+
+
+def _data_key(X: pd.DataFrame, y: np.ndarray) -> str:
+    return content_key({"X": frame_digest(X), "dtypes": X.dtypes.astype(str).tolist(),
+                        "y": np.asarray(y).tolist()})
+
+
+def _fit_rows(
+    selection: CachedFit, X: pd.DataFrame, y: np.ndarray, rows: np.ndarray, what: str,
 ) -> tuple[Pipeline, pd.DataFrame]:
-    """A fresh selection pipeline fitted on ``X``, ``y``, and its output on them."""
-    selection = Pipeline(build_selection(selection_cfg, selection_inputs)).set_output(
-        transform="pandas")
-    return selection, selection.fit_transform(X, y)
+    """``selection`` fitted on some rows, its solvers' convergence warnings counted as
+    ``what``: the fitted pipeline and its output on those rows."""
+    fitted = clone(selection)
+    with _counted_convergence_warnings(what):
+        out = fitted.fit_transform(X.iloc[rows], y[rows])
+    return fitted.transformer_, out
+
+
+def model_code_key() -> str:
+    """A key of the code that fits and scores models: pdl1exp's model modules and the versions
+    of the libraries they fit with. Stored trials and cached fits are reused under it only."""
+    models = Path(__file__).parent
+    return content_key({
+        "pdl1exp.models": [file_digest(f) for f in sorted(models.glob("*.py"))],
+        **{name: _version(name) for name in _MODEL_LIBRARIES}})
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return version(distribution)
+    except PackageNotFoundError:  # e.g. xgboost-cpu where the xgboost distribution serves
+        return None
 
 
 def fit_memory(folder: str | Path) -> Memory:
-    """A joblib cache of fitted feature selections in a subfolder of ``folder`` named by the
-    code that fits them (pdl1exp's model modules, scikit-learn's version).
+    """A joblib cache of fitted feature selections in ``folder/<model_code_key()>``.
 
-    A fit is looked up by its inputs (configuration, data and labels, as joblib hashes them),
-    so a run on the same training data reuses every selection fitted before, whatever
-    changed in the classifiers or the tuning; changed code starts an empty cache.
+    A fit is looked up by its inputs (:class:`CachedFit`: configuration, data and labels),
+    so a run on the same training data and CV folds reuses every selection fitted before,
+    whatever its classifiers; changed code starts an empty folder (delete the old ones).
     """
-    models = Path(__file__).parent
-    code = content_key({"pdl1exp.models": [file_digest(f) for f in sorted(models.glob("*.py"))],
-                        "sklearn": sklearn.__version__})
-    return Memory(Path(folder) / code, verbose=0)
+    return Memory(Path(folder) / model_code_key(), verbose=0)
 
 
 @contextmanager
