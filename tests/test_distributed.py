@@ -42,7 +42,7 @@ def sweep_kwargs(url: str, *, n_trials: int, cv_folds: int = 3) -> dict:
     """One classifier's sweep on a small table, studies in ``url``; quick heartbeats."""
     X, y = table(seed=11, n=60, p=8, n_planted=2)
     cfg = model_cfg("lr", "none", n_trials=n_trials, cv_folds=cv_folds, heartbeat_interval=1,
-                    grace_period=2)
+                    grace_period=2, n_jobs=1)  # folds fitted in the worker (its fits counted)
     cfg["tuning"]["pruner"] = {"_target_": "optuna.pruners.NopPruner"}
     return {"X": X, "y": y, "name": "lr", "spec": cfg["classifier"]["lr"],
             "selection_cfg": cfg["selection"], "tuning_cfg": cfg["tuning"], "storage": url,

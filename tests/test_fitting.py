@@ -18,7 +18,8 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pdl1exp.models.clinical import signature, signature_column
+from pdl1exp.models import fitting as fitting_module
+from pdl1exp.models.clinical import out_of_fold, signature, signature_column
 from pdl1exp.models.fitting import crossfit_out_of_fold, fit_feature_sets
 from pdl1exp.models.nested import nested_estimates
 from pdl1exp.models.results import ModelResult
@@ -87,24 +88,34 @@ def test_a_second_fit_on_the_same_data_reads_every_selection_from_the_cache(
     splits = holdout(table, seed=3)
     kwargs = chain(compose_cfg, memory=fit_memory(tmp_path))
     original = LassoSelector.fit
-    with mock.patch.object(LassoSelector, "fit", autospec=True, side_effect=original) as fit:
+    with mock.patch.object(LassoSelector, "fit", autospec=True, side_effect=original) as fit, \
+            mock.patch.object(fitting_module, "out_of_fold", side_effect=out_of_fold) as oof:
         first = fit_feature_sets(table, {"dlr": deep}, splits, **kwargs)
         # k CV folds + all rows (sweep); per outer fold k inner folds + its fit rows (combined)
         k = kwargs["tuning"]["cv_folds"]
         assert fit.call_count == k + 1 + k * (k + 1)
+        assert crossfit_calls(oof) == k  # the combined model's inner cross-fits
+
         fit.reset_mock()
+        oof.reset_mock()
         # The same features built another way (as a warm run reads them from a cache): two
         # memory blocks and an object index, which joblib's own hash of a table tells apart.
         warm = pd.concat([deep.iloc[:, :10], deep.iloc[:, 10:]], axis=1)
         warm.index = warm.index.astype(object)
         again = fit_feature_sets(table, {"dlr": warm}, splits, **kwargs)
         assert fit.call_count == 0
+        assert crossfit_calls(oof) == 0  # the combined model's cross-fit is read back whole
     uncached = fit_feature_sets(table, {"dlr": deep}, splits, **chain(compose_cfg))
     for other in (again, uncached):
         for model, expected in zip(other.models, first.models, strict=True):
             for split, proba in expected.proba.items():
                 pd.testing.assert_series_equal(model.proba[split], proba, check_index_type=False)
     assert any(tmp_path.rglob("*.pkl"))
+
+
+def crossfit_calls(oof: mock.Mock) -> int:
+    """Calls of ``out_of_fold`` on an image model (its selection as one cached step)."""
+    return sum(call.args[0].steps[0][0] == "selection" for call in oof.call_args_list)
 
 
 def test_stored_trials_are_reused_by_the_same_model_code_only(compose_cfg, tmp_path) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
 
+from pdl1exp.data import manifest as manifest_module
 from pdl1exp.data.manifest import CohortError, load_cohort, parse_seed
 
 SHAPE = (10, 12, 12)  # z, y, x
@@ -196,3 +198,20 @@ def test_bad_target_configs_are_refused(tmp_path: Path, spec: dict) -> None:
 def test_missing_target_column_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"kras \(dataset.target.column\)"):
         _cohort(tmp_path, [_good_row(tmp_path, "P1")], target={"column": "kras", "cutoff": 1})
+
+
+def test_a_rerun_reads_no_unchanged_image_and_rereads_a_changed_one(tmp_path: Path) -> None:
+    rows = [_good_row(tmp_path, "P1", pdl1_tps=0.0), _good_row(tmp_path, "P2", pdl1_tps=50.0)]
+    cache = tmp_path / "cache"
+    first = _cohort(tmp_path, rows, cache_dir=cache)
+    with mock.patch.object(manifest_module, "read_image", side_effect=AssertionError("read")):
+        again = _cohort(tmp_path, rows, cache_dir=cache)
+    pd.testing.assert_frame_equal(again.table, first.table)
+    assert again.data_hash == first.data_hash
+    # A changed file (new modification time) is read again: its new content is digested.
+    ct = _ct()
+    ct[4:7, 4:8, 4:8] = 60
+    _image(tmp_path / "P2.nii.gz", ct)
+    changed = _cohort(tmp_path, rows, cache_dir=cache).table
+    assert changed.loc["P1", "image_sha"] == first.table.loc["P1", "image_sha"]
+    assert changed.loc["P2", "image_sha"] != first.table.loc["P2", "image_sha"]

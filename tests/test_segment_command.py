@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from pdl1exp.data.images import geometry_mismatch, read_image
 from pdl1exp.data.manifest import load_cohort
+from pdl1exp.imaging import rois as rois_module
 from pdl1exp.imaging.rois import roi_stage
 from pdl1exp.segment import segment_cohort
 from tests.conftest import CONF
@@ -83,3 +85,18 @@ def test_segment_writes_rtstruct_and_seg_rows_for_review(tmp_path: Path) -> None
         assert _dice(sitk.GetArrayFromImage(mask) > 0, truth_on_image(image, square())) == 1.0
         assert (out / f"{pid}.png").stat().st_size > 5_000
     assert len(load_cohort(out / "manifest.csv").table) == 2
+
+
+def test_a_rerun_measures_no_roi_again(tiny_cohort: Path, tmp_path: Path) -> None:
+    """Seeded and provided masks: the second ROI stage reads no mask and has the same sizes."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["dataset=manifest", f"dataset.path={tiny_cohort}",
+                                           f"paths.cache_dir={tmp_path / 'cache'}"])
+    cohort = load_cohort(tiny_cohort)
+    first, _ = roi_stage(cfg, cohort)
+    assert set(first["roi_source"]) == {"provided", "seeded"}
+    unread = AssertionError("a mask was read or measured again")
+    with mock.patch.object(rois_module, "read_image", side_effect=unread), \
+            mock.patch.object(rois_module, "roi_measurements", side_effect=unread):
+        again, _ = roi_stage(cfg, cohort)
+    pd.testing.assert_frame_equal(again, first)

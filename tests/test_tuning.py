@@ -22,6 +22,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from scipy.stats import norm
 from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict, train_test_split
 from sklearn.pipeline import Pipeline
@@ -164,7 +165,7 @@ def test_a_shared_selection_pickles_with_its_folds_still_to_fit():
 
 def test_the_best_trials_oof_probabilities_come_from_its_trial_not_a_refit(tmp_path):
     X, y = table(seed=2, n=90, p=20, n_planted=3)
-    cfg = model_cfg("lr", "none", n_trials=3, cv_folds=3)
+    cfg = model_cfg("lr", "none", n_trials=3, cv_folds=3, n_jobs=1)  # counted here
     fits = mock.patch.object(tuning_module, "_fold_proba", side_effect=tuning_module._fold_proba)
     with fits as fold_fits:
         fresh = tune(X, y, cfg)
@@ -261,7 +262,7 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
     X, y = table(seed=4, n=60, p=8, n_planted=2)
     # The killed trial goes stale after 2 s without heartbeat (the resumed sweep waits for it).
     cfg = model_cfg("lr", "none", n_trials=n_trials, cv_folds=cv_folds,
-                    heartbeat_interval=1, grace_period=2)
+                    heartbeat_interval=1, grace_period=2, n_jobs=1)  # fits counted in the child
     cfg["tuning"]["pruner"] = {"_target_": "optuna.pruners.NopPruner"}
     db = tmp_path / "optuna.db"
     kwargs = {
@@ -401,3 +402,17 @@ def test_selection_is_fitted_once_per_fold_and_once_for_every_final_model():
     np.testing.assert_array_equal(lr.selected_features_, knn.selected_features_)
 
 
+
+
+def test_worker_processes_warnings_reach_the_log_as_one_count(caplog, recwarn):
+    """A fold fitted in a worker process warns there; the sweep logs one line counting them."""
+    X, y = table(seed=4, n=80, p=10, n_planted=2)
+    cfg = model_cfg("lr", "none", n_trials=2, cv_folds=2, n_jobs=2)
+    cfg["classifier"]["lr"]["estimator"]["max_iter"] = 1  # every fit stops early
+    with caplog.at_level(logging.WARNING, logger=tuning_module.__name__):
+        tune(X, y, cfg)
+    sweep_lines = [r.getMessage() for r in caplog.records
+                   if r.getMessage().startswith("tuning lr:")]
+    assert len(sweep_lines) == 1
+    assert sweep_lines[0].startswith("tuning lr: 4 solver fits did not converge (first: lbfgs")
+    assert not [w for w in recwarn if issubclass(w.category, ConvergenceWarning)]

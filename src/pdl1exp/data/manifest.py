@@ -44,6 +44,7 @@ from pdl1exp.data.images import (
 from pdl1exp.data.series import SERIES_RULES, choose_series, image_series
 from pdl1exp.data.target import DEFAULT_TARGET_NAME, Target
 from pdl1exp.hashing import content_key, file_digest
+from pdl1exp.memo import code_key, read_memo, stat_signature, write_memo
 
 __all__ = ["Cohort", "CohortError", "Problem", "dataset_options", "load_cohort", "parse_seed",
            "problems_table"]
@@ -269,6 +270,35 @@ def _rasterised(mask: DicomMask, image: sitk.Image, *, series_uid: str | None, i
     return path, key
 
 
+# The modules whose code decides a row's image check: a memo of another version is not read.
+_CHECK_CODE = ("data/manifest.py", "data/images.py", "data/dicom_masks.py", "data/series.py")
+
+
+def _checked(pid: str, image_path: Path, mask_path: Path | None,
+             seed: tuple[float, float, float] | None, series_uid: str | None, *,
+             air_hu: float, tolerance_mm: float, options: _DicomOptions) -> _RowCheck:
+    """:func:`_check_images`, read back from ``<cache_dir>/checks`` when a clean check of the
+    same files (names, sizes, modification times), settings and code is stored there."""
+    folder = options.cache_dir / "checks"
+    key = content_key({
+        "code": code_key(*_CHECK_CODE), "image": stat_signature(image_path),
+        "mask": stat_signature(mask_path), "seed": seed, "series_uid": series_uid,
+        "air_hu": air_hu, "tolerance_mm": tolerance_mm,
+        "dicom": [options.roi_name, options.segment, options.series_rule,
+                  options.plane_tolerance]})
+    stored = read_memo(folder, key)
+    if stored is not None and all(Path(stored[f]).exists() for f in ("image", "mask")
+                                  if stored[f] is not None):
+        return _RowCheck([], **{f: Path(v) if f in ("image", "mask") and v is not None else v
+                                for f, v in stored.items()})
+    check = _check_images(pid, image_path, mask_path, seed, series_uid, air_hu=air_hu,
+                          tolerance_mm=tolerance_mm, options=options)
+    if not check.problems:  # a bad row is read again: its report stays current
+        write_memo(folder, key, {f: str(v) if isinstance(v, Path) else v
+                                 for f, v in vars(check).items() if f != "problems"})
+    return check
+
+
 def _check_images(pid: str, image_path: Path, mask_path: Path | None,
                   seed: tuple[float, float, float] | None, series_uid: str | None, *,
                   air_hu: float, tolerance_mm: float, options: _DicomOptions) -> _RowCheck:
@@ -378,7 +408,9 @@ def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
             ``series_uid`` (:mod:`pdl1exp.data.series`).
         contour_plane_tolerance: how far (fraction of a slice) an RTSTRUCT contour may lie
             off the image's slices.
-        cache_dir: where series links and rasterised RTSTRUCT/SEG masks go (content-keyed);
+        cache_dir: where series links and rasterised RTSTRUCT/SEG masks go (content-keyed),
+            and each clean row's image check (keyed by its files' names, sizes and
+            modification times: a rerun reads no unchanged image);
             None → a ``pdl1exp-dicom`` folder in the system's temporary directory.
     """
     if on_error not in ("raise", "skip"):
@@ -475,8 +507,8 @@ def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
 
     def check(job: tuple) -> tuple[str, _RowCheck]:
         pid, image, mask, seed, series_uid = job
-        return pid, _check_images(pid, image, mask, seed, series_uid, air_hu=air_hu,
-                                  tolerance_mm=geometry_tolerance_mm, options=options)
+        return pid, _checked(pid, image, mask, seed, series_uid, air_hu=air_hu,
+                             tolerance_mm=geometry_tolerance_mm, options=options)
 
     with ThreadPoolExecutor(max(1, n_jobs)) as pool:
         checks = dict(pool.map(check, jobs))

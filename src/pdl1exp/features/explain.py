@@ -203,15 +203,24 @@ def explained_class(model: LinearScore, x: torch.Tensor,
     of its centred score); with one, the direction in which the crop moves the score away
     from the reference's (what its activations relative to the reference can account for).
     """
+    return _explained(*_outputs(model, x, reference))
+
+
+def _outputs(model: LinearScore, x: torch.Tensor,
+             reference: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``model``'s outputs on ``x`` and on the reference (None without one), no gradients."""
     with torch.no_grad():
-        out = model(x.float())
-        if reference is not None:
-            out = out - model(reference.float())
-    return int(out[0].argmax())
+        return model(x.float()), None if reference is None else model(reference.float())
+
+
+def _explained(out: torch.Tensor, reference_out: torch.Tensor | None) -> int:
+    """:func:`explained_class` from the outputs of the crop and of its reference."""
+    return int((out if reference_out is None else out - reference_out)[0].argmax())
 
 
 def gradcam_maps(model: LinearScore, x: torch.Tensor, *, target_layer: str,
-                 reference: torch.Tensor | None = None) -> np.ndarray:
+                 reference: torch.Tensor | None = None,
+                 classes: Sequence[int] | None = None) -> np.ndarray:
     """Grad-CAM heat maps ``(B, *spatial)``, non-negative, unnormalised, one crop at a time,
     each of the class :func:`explained_class` picks.
 
@@ -221,6 +230,7 @@ def gradcam_maps(model: LinearScore, x: torch.Tensor, *, target_layer: str,
         target_layer: module name inside the backbone (e.g. ``layer4``).
         reference: crops like ``x`` whose activations are subtracted
             (:class:`ReferenceGradCAM`); None: plain Grad-CAM.
+        classes: each crop's :func:`explained_class`, when the caller has it already.
     """
     layers = _ENCODER + target_layer
     post = torch.nn.Identity()
@@ -233,8 +243,9 @@ def gradcam_maps(model: LinearScore, x: torch.Tensor, *, target_layer: str,
         ref = None if reference is None else reference[i:i + 1].float()
         if isinstance(cam, ReferenceGradCAM):
             cam.reference = ref
+        explains = explained_class(model, crop, ref) if classes is None else classes[i]
         with torch.enable_grad():
-            heat = cam(crop, class_idx=explained_class(model, crop, ref))
+            heat = cam(crop, class_idx=explains)
         maps.append(heat[0, 0].detach().cpu().numpy())
     return np.stack(maps)
 
@@ -351,12 +362,12 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
         image, mask, dilated = _crops(item, pre, crop, filter_size=filter_size)
         blanked = (image * torch.as_tensor(~dilated, dtype=image.dtype))[None]
         relative_to = blanked if reference == "without_tumour" else None
-        heat = gradcam_maps(model, image[None], target_layer=layer, reference=relative_to)[0]
-        with torch.no_grad():
-            score = float(model(image[None].float())[0, 0])
-            reference_score = (float("nan") if relative_to is None
-                               else float(model(relative_to.float())[0, 0]))
-        explains = explained_class(model, image[None], relative_to)
+        out, reference_out = _outputs(model, image[None], relative_to)
+        explains = _explained(out, reference_out)
+        heat = gradcam_maps(model, image[None], target_layer=layer, reference=relative_to,
+                            classes=[explains])[0]
+        score = float(out[0, 0])
+        reference_score = float("nan") if reference_out is None else float(reference_out[0, 0])
         inside = heat_mass_inside(heat, dilated)
         views = (image[0].numpy(), heat, mask, dilated)
         if heat.ndim == 3:

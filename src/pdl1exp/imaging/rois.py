@@ -18,6 +18,7 @@ from pdl1exp.data.manifest import Cohort, CohortError, Problem
 from pdl1exp.hashing import content_key
 from pdl1exp.imaging.measurements import roi_measurements
 from pdl1exp.imaging.segmentation import SegmentationError
+from pdl1exp.memo import code_key, read_memo, write_memo
 
 __all__ = ["prepare_rois", "roi_stage"]
 
@@ -34,7 +35,8 @@ def prepare_rois(table: pd.DataFrame, *, segmenter: Segmenter | None,
     Rows with a mask keep it. Rows with only a seed are segmented (``segmenter`` is None
     under ``segmentation=mask``, which makes them an error); their masks are written to
     ``mask_dir/<key>.nii.gz``, keyed by image content, seed and segmentation parameters,
-    so a rerun reuses them and a reviewer can open them.
+    so a rerun reuses them and a reviewer can open them. Each mask's sizes are kept in
+    ``mask_dir/sizes`` by its content key.
 
     Args:
         table: the cohort table (index patient_id; image, mask, seed, image_sha, mask_sha).
@@ -53,8 +55,8 @@ def prepare_rois(table: pd.DataFrame, *, segmenter: Segmenter | None,
 
     def one(item: tuple[str, pd.Series]) -> dict[str, Any] | Problem:
         pid, row = item
+        mask = None
         if isinstance(row["mask"], str):
-            mask = read_image(row["mask"])
             path, key, source = row["mask"], row["mask_sha"], "provided"
         elif segmenter is None:
             return Problem(pid, "mask", "no mask, and segmentation=mask does not segment "
@@ -64,16 +66,14 @@ def prepare_rois(table: pd.DataFrame, *, segmenter: Segmenter | None,
                                "params": segmentation_params})
             path = mask_dir / f"{key}.nii.gz"
             source = "seeded"
-            if path.exists():
-                mask = read_image(path)
-            else:
+            if not path.exists():
                 try:
                     mask = segmenter(read_image(row["image"]), tuple(row["seed"]))
                 except SegmentationError as err:
                     return Problem(pid, "seed", f"segmentation failed: {err}")
                 mask_dir.mkdir(parents=True, exist_ok=True)
                 write_image(mask, path)
-        sizes = roi_measurements(mask)
+        sizes = _sizes(key, path, mask, folder=mask_dir / "sizes")
         return {"patient_id": pid, "image": row["image"], "mask": str(path),
                 "image_sha": row["image_sha"], "mask_key": key, "roi_source": source,
                 "seed": row["seed"],
@@ -89,6 +89,19 @@ def prepare_rois(table: pd.DataFrame, *, segmenter: Segmenter | None,
              len(rows) - n_seeded, n_seeded, len(problems))
     frame = pd.DataFrame(rows).set_index("patient_id") if rows else pd.DataFrame()
     return frame, problems
+
+
+def _sizes(key: str, path: str | Path, mask: sitk.Image | None, *,
+           folder: Path) -> dict[str, float]:
+    """Volume and largest diameter of the mask with content key ``key`` (``mask``, or read
+    from ``path``), kept in ``folder``: a rerun reads no mask it has measured."""
+    memo = content_key({"mask": key, "code": code_key("imaging/measurements.py")})
+    sizes = read_memo(folder, memo)
+    if sizes is None:
+        measured = roi_measurements(mask if mask is not None else read_image(path))
+        sizes = {m: float(measured[m]) for m in ("volume_ml", "max_diameter_mm")}
+        write_memo(folder, memo, sizes)
+    return sizes
 
 
 def roi_stage(cfg: DictConfig, cohort: Cohort) -> tuple[pd.DataFrame, list[Problem]]:

@@ -10,12 +10,14 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import joblib
 import numpy as np
 import pandas as pd
 from joblib import Memory
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
+from sklearn.utils.validation import check_memory
 
 from pdl1exp.evaluation import delong_ci, youden_threshold
 from pdl1exp.hashing import content_key, frame_digest
@@ -150,9 +152,22 @@ def crossfit_out_of_fold(pipe: Any, X: pd.DataFrame, y: pd.Series, *,
         folds: number of folds (outer and inner).
         seed: CV seed.
         clip: see :func:`signature`.
-        memory: a cache of the image models' fitted selections: a run on the same data
-            fits none of them again.
+        memory: a cache of the image models' fitted selections and of the result, keyed by
+            the content of the tables, the labels and the models' parameters: a run on the
+            same data fits none of them again.
     """
+    data = content_key({"X": frame_digest(X), "y": y.tolist(), "image": {
+        column: [joblib.hash(clone(model.model)), frame_digest(features)]
+        for column, (model, features) in image.items()}})
+    crossfit = check_memory(memory).cache(_crossfit, ignore=["X", "y", "image", "memory"])
+    return crossfit(pipe, X, y, image=image, folds=folds, seed=seed, clip=clip, memory=memory,
+                    data=data)
+
+
+def _crossfit(pipe: Any, X: pd.DataFrame, y: pd.Series, *,
+              image: Mapping[str, tuple[ModelResult, pd.DataFrame]], folds: int, seed: int,
+              clip: float, memory: Memory | None, data: str) -> np.ndarray:
+    """:func:`crossfit_out_of_fold`'s computation; ``data`` keys its cache entry."""
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
     oof = np.empty(len(X))
     for fit_rows, held_rows in splitter.split(X, y):
