@@ -105,6 +105,8 @@ def test_a_second_fit_on_the_same_data_reads_every_selection_from_the_cache(
         again = fit_feature_sets(table, {"dlr": warm}, splits, **kwargs)
         assert fit.call_count == 0
         assert crossfit_calls(oof) == 0  # the combined model's cross-fit is read back whole
+    # The final dlr/lr classifier was fitted once, by the first run, and read back since.
+    assert len(list(tmp_path.rglob("_fit_classifier/*/output.pkl"))) == 1
     uncached = fit_feature_sets(table, {"dlr": deep}, splits, **chain(compose_cfg))
     for other in (again, uncached):
         for model, expected in zip(other.models, first.models, strict=True):

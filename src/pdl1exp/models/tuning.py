@@ -131,6 +131,7 @@ class SharedSelection:
         full: the selection pipeline fitted on all rows (for the final models).
         X_full: ``full``'s output on all rows: the final classifiers' training input.
         y: the 0/1 labels of all rows.
+        memory: the cache of fitted selections, which also keeps the final classifiers.
     """
 
     X: pd.DataFrame
@@ -139,6 +140,7 @@ class SharedSelection:
     full: Pipeline
     X_full: pd.DataFrame
     y: np.ndarray
+    memory: Memory | str | None = None
 
     @functools.cached_property
     def folds(self) -> list[CVFold]:
@@ -160,7 +162,9 @@ class SharedSelection:
         Args:
             estimator: an unfitted classifier (e.g. with a trial's best hyperparameters).
         """
-        classifier = clone(estimator).fit(self.X_full, self.y)
+        fit = check_memory(self.memory).cache(_fit_classifier, ignore=["X", "y"])
+        classifier = fit(clone(estimator), self.X_full, self.y,
+                         data=_data_key(self.X_full, self.y))
         steps = [*copy.deepcopy(self.full.steps), ("classifier", classifier)]
         return Pipeline(steps).set_output(transform="pandas")
 
@@ -227,7 +231,8 @@ def prepare_folds(
         selection_cfg: ``cfg.selection``.
         tuning_cfg: ``cfg.tuning`` (``cv_folds``, ``random_state``).
         selection_inputs: runtime data of the selection steps (``build_selection``).
-        memory: a joblib cache of the fitted selections (see :func:`fit_memory`), or None.
+        memory: a joblib cache of the fitted selections and final classifiers (see
+            :func:`fit_memory`), or None.
     """
     y = _check_xy(X, y)
     splitter = StratifiedKFold(
@@ -238,7 +243,7 @@ def prepare_folds(
         transform="pandas")
     fit = functools.partial(_fit_rows, CachedFit(selection, memory), X, y)
     full, X_full = fit(np.arange(len(y)), "feature selection, all")
-    return SharedSelection(X, list(splitter.split(X, y)), fit, full, X_full, y)
+    return SharedSelection(X, list(splitter.split(X, y)), fit, full, X_full, y, memory)
 
 
 class CachedFit(TransformerMixin, BaseEstimator):
@@ -278,6 +283,13 @@ def _fit_transform(transformer: Any, X: pd.DataFrame, y: np.ndarray, data: str) 
     return transformer, transformer.fit_transform(X, y)
 
 
+def _fit_classifier(
+    estimator: ClassifierMixin, X: pd.DataFrame, y: np.ndarray, data: str
+) -> ClassifierMixin:
+    """``estimator`` fitted on ``X``, ``y``; ``data`` keys the cache entry (:func:`_data_key`)."""
+    return estimator.fit(X, y)
+
+
 def _data_key(X: pd.DataFrame, y: np.ndarray) -> str:
     return content_key({"X": frame_digest(X), "y": np.asarray(y).tolist()})
 
@@ -310,11 +322,13 @@ def _version(distribution: str) -> str | None:
 
 
 def fit_memory(folder: str | Path) -> Memory:
-    """A joblib cache of fitted feature selections in ``folder/<model_code_key()>``.
+    """A joblib cache of fitted feature selections and final classifiers in
+    ``folder/<model_code_key()>``.
 
     A fit is looked up by its inputs (:class:`CachedFit`: configuration, data and labels),
     so a run on the same training data and CV folds reuses every selection fitted before,
-    whatever its classifiers; changed code starts an empty folder (delete the old ones).
+    whatever its classifiers, and every final classifier with the same hyperparameters;
+    changed code starts an empty folder (delete the old ones).
     """
     return Memory(Path(folder) / model_code_key(), verbose=0)
 
