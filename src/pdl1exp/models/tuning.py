@@ -43,7 +43,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from tqdm.auto import tqdm
 
-from pdl1exp.hashing import content_key, file_digest, frame_digest
+from pdl1exp.hashing import content_key, frame_digest
+from pdl1exp.memo import code_key
 from pdl1exp.models.classifiers import build_estimator, build_pipeline, suggest_params
 from pdl1exp.models.selection import build_selection
 
@@ -308,10 +309,9 @@ def _fit_rows(
 def model_code_key() -> str:
     """A key of the code that fits and scores models: pdl1exp's model modules and the versions
     of the libraries they fit with. Stored trials and cached fits are reused under it only."""
-    models = Path(__file__).parent
-    return content_key({
-        "pdl1exp.models": [file_digest(f) for f in sorted(models.glob("*.py"))],
-        **{name: _version(name) for name in _MODEL_LIBRARIES}})
+    models = sorted(f"models/{f.name}" for f in Path(__file__).parent.glob("*.py"))
+    return content_key({"pdl1exp.models": code_key(*models),
+                        **{name: _version(name) for name in _MODEL_LIBRARIES}})
 
 
 def _version(distribution: str) -> str | None:
