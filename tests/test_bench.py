@@ -61,6 +61,19 @@ def test_stage_timer_counts_exclusive_time(monkeypatch: pytest.MonkeyPatch) -> N
     assert timer.wrap("outer", outer)() == "done"
     timed_inner()
     assert dict(timer.seconds) == {"inner": 6.0, "outer": 3.0}
+    # Calls are recorded as they end; the inner call lies within the outer one.
+    assert [stage for stage, _, _ in timer.intervals] == ["inner", "outer", "inner"]
+    (_, inner_start, inner_end), (_, outer_start, outer_end) = timer.intervals[:2]
+    assert outer_start <= inner_start <= inner_end <= outer_end
+
+
+def test_stage_peaks_charge_each_sample_to_the_innermost_running_stage() -> None:
+    intervals = [("radiomics", 12.0, 14.0), ("validation", 10.0, 20.0), ("sweep", 30.0, 40.0)]
+    samples = [(5.0, 100.0), (11.0, 900.0), (13.0, 2500.0), (15.0, 1200.0), (35.0, 3100.0),
+               (36.0, 2000.0), (50.0, 300.0)]
+    assert bench_e2e.stage_peaks(samples, intervals) == {
+        "other": 300.0, "validation": 1200.0, "radiomics": 2500.0, "sweep": 3100.0}
+    assert bench_e2e.stage_peaks([], intervals) == {}
 
 
 def test_stage_timer_patches_and_restores_the_pipeline_stages() -> None:
@@ -104,6 +117,7 @@ def test_peak_rss_sees_a_child_process(tmp_path: Path) -> None:
         child.kill()
     assert memory["peak_mb"] >= 200
     assert 0 < memory["peak_pss_mb"] <= memory["peak_mb"]
+    assert max(mb for _, mb in memory["samples"]) == memory["peak_mb"]
 
 
 def test_exponents_are_log_log_slopes() -> None:

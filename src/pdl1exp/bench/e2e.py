@@ -28,7 +28,7 @@ from unittest import mock
 
 import psutil
 
-__all__ = ["STAGES", "StageTimer", "peak_rss", "run", "run_pipeline"]
+__all__ = ["STAGES", "StageTimer", "peak_rss", "run", "run_pipeline", "stage_peaks"]
 
 # (module, attribute, stage): the stage functions as the pipeline looks them up.
 STAGES: tuple[tuple[str, str, str], ...] = (
@@ -54,6 +54,8 @@ class StageTimer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        # (stage, start, end) of every call in epoch seconds, to match the memory samples
+        self.intervals: list[tuple[str, float, float]] = []
         self._children: list[float] = []  # time spent in wrapped callees, per open call
 
     def wrap(self, stage: str, function: Callable) -> Callable:
@@ -62,11 +64,12 @@ class StageTimer:
         @functools.wraps(function)
         def timed(*args: Any, **kwargs: Any) -> Any:
             self._children.append(0.0)
-            start = time.perf_counter()
+            start, began = time.perf_counter(), time.time()
             try:
                 return function(*args, **kwargs)
             finally:
                 elapsed = time.perf_counter() - start
+                self.intervals.append((stage, began, time.time()))
                 self.seconds[stage] += elapsed - self._children.pop()
                 if self._children:
                     self._children[-1] += elapsed
@@ -92,9 +95,10 @@ def peak_rss(pid: int, *, period_s: float = RSS_POLL_S) -> Iterator[dict[str, fl
     """Sample the memory of ``pid`` and its descendants; peaks in MB when done.
 
     ``peak_mb``: summed RSS, which counts pages shared by forked workers once per process (an
-    upper bound); ``peak_pss_mb``: summed PSS, shared pages split between their sharers.
+    upper bound); ``peak_pss_mb``: summed PSS, shared pages split between their sharers;
+    ``samples``: every (epoch time, RSS MB) sampled, for :func:`stage_peaks`.
     """
-    result = {"peak_mb": 0.0, "peak_pss_mb": 0.0}
+    result: dict[str, Any] = {"peak_mb": 0.0, "peak_pss_mb": 0.0, "samples": []}
     stop = threading.Event()
 
     def poll() -> None:
@@ -112,6 +116,7 @@ def peak_rss(pid: int, *, period_s: float = RSS_POLL_S) -> Iterator[dict[str, fl
                     continue
                 rss, pss = rss + memory.rss, pss + memory.pss
             result["peak_mb"] = max(result["peak_mb"], rss / 2**20)
+            result["samples"].append((time.time(), rss / 2**20))
             result["peak_pss_mb"] = max(result["peak_pss_mb"], pss / 2**20)
             stop.wait(period_s)
 
@@ -124,6 +129,26 @@ def peak_rss(pid: int, *, period_s: float = RSS_POLL_S) -> Iterator[dict[str, fl
         thread.join()
 
 
+def stage_peaks(
+    samples: Sequence[tuple[float, float]], intervals: Sequence[tuple[str, float, float]]
+) -> dict[str, float]:
+    """The largest memory sample taken during each stage (``other``: outside every stage).
+
+    A sample belongs to the innermost call running at its time, the one that began last
+    (the wrapped stages nest, as in :class:`StageTimer`).
+
+    Args:
+        samples: (epoch time, MB) as :func:`peak_rss` records them.
+        intervals: (stage, start, end) in epoch seconds, as :class:`StageTimer` records them.
+    """
+    peaks: dict[str, float] = {}
+    for at, megabytes in samples:
+        running = [(start, stage) for stage, start, end in intervals if start <= at <= end]
+        stage = max(running)[1] if running else "other"
+        peaks[stage] = max(peaks.get(stage, 0.0), round(megabytes, 1))
+    return peaks
+
+
 def run_pipeline(overrides: Sequence[str], *, folder: str | Path) -> dict[str, Any]:
     """One ``python -m pdl1exp`` run with every store inside ``folder``, timed per stage.
 
@@ -134,7 +159,7 @@ def run_pipeline(overrides: Sequence[str], *, folder: str | Path) -> dict[str, A
 
     Returns:
         ``wall_s``, ``peak_rss_mb``, ``peak_pss_mb`` (:func:`peak_rss`), ``stages_s``
-        ({stage: s}, ``other`` included).
+        ({stage: s}, ``other`` included), ``peak_rss_mb_by_stage`` (:func:`stage_peaks`).
     """
     folder = Path(folder).resolve()
     stages_file = folder / "stages.json"
@@ -151,11 +176,13 @@ def run_pipeline(overrides: Sequence[str], *, folder: str | Path) -> dict[str, A
     if code:
         msg = f"benchmark run failed (exit {code}): {' '.join(command)}"
         raise RuntimeError(msg)
-    stages = json.loads(stages_file.read_text())
+    timed = json.loads(stages_file.read_text())
+    stages = timed["seconds"]
     stages["other"] = max(0.0, wall_s - sum(stages.values()))
     return {"wall_s": wall_s, "peak_rss_mb": memory["peak_mb"],
             "peak_pss_mb": memory["peak_pss_mb"],
-            "stages_s": {k: round(v, 2) for k, v in stages.items()}}
+            "stages_s": {k: round(v, 2) for k, v in stages.items()},
+            "peak_rss_mb_by_stage": stage_peaks(memory["samples"], timed["intervals"])}
 
 
 def run(*, overrides: Sequence[str] = ("+experiment=fusion",)) -> dict[str, Any]:
@@ -166,7 +193,8 @@ def run(*, overrides: Sequence[str] = ("+experiment=fusion",)) -> dict[str, Any]
 
     Returns:
         ``cold_s``, ``warm_s``, ``peak_rss_mb`` (the larger of both runs), ``stages_s`` (cold),
-        ``warm_stages_s``, ``peak_rss_mb_warm`` and how stages were timed.
+        ``warm_stages_s``, ``peak_rss_mb_warm``, ``peak_rss_mb_by_stage`` (cold) and how
+        stages were timed.
     """
     with tempfile.TemporaryDirectory(prefix="pdl1exp-bench-") as folder:
         cold = run_pipeline(overrides, folder=folder)
@@ -177,6 +205,7 @@ def run(*, overrides: Sequence[str] = ("+experiment=fusion",)) -> dict[str, Any]
             "peak_rss_mb_warm": round(warm["peak_rss_mb"], 1),
             "peak_pss_mb": round(max(cold["peak_pss_mb"], warm["peak_pss_mb"]), 1),
             "stages_s": cold["stages_s"], "warm_stages_s": warm["stages_s"],
+            "peak_rss_mb_by_stage": cold["peak_rss_mb_by_stage"],
             "timing": "stage functions wrapped in the run's process (pdl1exp.bench.e2e.STAGES); "
                       "RSS (and PSS) of the process tree sampled every 0.2 s with psutil"}
 
@@ -195,7 +224,8 @@ def _child(stages_file: str, overrides: list[str]) -> None:
         if stop.code:
             raise
     finally:
-        Path(stages_file).write_text(json.dumps(timer.seconds))
+        Path(stages_file).write_text(
+            json.dumps({"seconds": timer.seconds, "intervals": timer.intervals}))
 
 
 if __name__ == "__main__":
