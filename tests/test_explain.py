@@ -213,3 +213,39 @@ def test_overlays_reference_is_checked_and_can_be_turned_off(compose_cfg, rois,
     assert plain.reference_score.isna().all()
     assert ((plain.score >= 0) == (plain.explains == "positive")).all()  # the argued class
     assert not np.allclose(plain.heat_mass_inside, relative.heat_mass_inside)
+
+
+def test_a_rerun_copies_the_kept_overlays_and_a_changed_head_maps_again(
+        compose_cfg, rois, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pdl1exp.features import explain
+
+    cfg = compose_cfg("backbone=resnet18_2d", "backbone.input_size=[64,64]",
+                      "backbone.weights=random")
+    head = LinearHead(weights=pd.Series([1.0, -1.0], index=["dl_0001", "dl_0002"]),
+                      offset=0.0, source="lasso")
+    kwargs = {"preprocess": cfg.preprocess, "roi": cfg.roi, "backbone": cfg.backbone,
+              "seed": 0, "n": 3, "cache_dir": tmp_path / "cache"}
+    first = gradcam_overlays(rois, head=head, out_dir=tmp_path / "first", **kwargs)
+
+    def no_mapping(*args, **kw):
+        raise AssertionError("a kept overlay was mapped again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(explain, "gradcam_maps", no_mapping)
+        again = gradcam_overlays(rois, head=head, out_dir=tmp_path / "again", **kwargs)
+    pd.testing.assert_frame_equal(again.drop(columns="path"), first.drop(columns="path"))
+    for old, new in zip(first.path, again.path, strict=True):
+        assert Path(new).parent == tmp_path / "again"
+        assert Path(new).read_bytes() == Path(old).read_bytes()
+    # Another head (or name, network, crop...) is another key: mapped, not read back.
+    calls = []
+    monkeypatch.setattr(explain, "gradcam_maps",
+                        lambda *a, **kw: calls.append(1) or gradcam_maps(*a, **kw))
+    other = LinearHead(weights=head.weights * -1.0, offset=0.5, source="lasso")
+    changed = gradcam_overlays(rois, head=other, out_dir=tmp_path / "other", **kwargs)
+    assert len(calls) == 3
+    assert not np.allclose(changed.score, first.score)
+    renamed = gradcam_overlays(rois, head=head, out_dir=tmp_path / "renamed",
+                               name=lambda pid: f"x{pid}", **kwargs)
+    assert len(calls) == 6
+    assert all(Path(p).name.startswith("x") for p in renamed.path)

@@ -17,7 +17,7 @@ from pdl1exp.data.manifest import load_cohort
 from pdl1exp.features import extract as extract_module
 from pdl1exp.features.cache import FeatureCache
 from pdl1exp.features.extract import extract_features, feature_key
-from pdl1exp.features.extractor import DeepFeatureExtractor
+from pdl1exp.features.extractor import DeepFeatureExtractor, loader_workers
 from pdl1exp.imaging.crop import TumourROId
 from pdl1exp.imaging.preprocess import build_transforms
 from tests.conftest import fmcib_checkpoint, fmcib_trunk
@@ -39,6 +39,18 @@ def _transform(cfg):
     return build_transforms(spacing_mm=p.spacing_mm, axcodes=p.axcodes,
                             window_width=p.window_width, window_level=p.window_level,
                             roi=instantiate(cfg.roi))
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [(1, 0), (2, 0), (3, 1), (4, 2), (6, 4), (64, 4)])
+def test_auto_loader_workers_leave_two_cores_to_the_network(cpus: int, expected: int) -> None:
+    assert loader_workers("auto", cpus=cpus) == expected
+
+
+def test_a_number_of_loader_workers_is_taken_as_given_and_checked() -> None:
+    assert loader_workers(3, cpus=2) == 3
+    assert loader_workers("0") == 0
+    with pytest.raises(ValueError, match=r"backbone\.num_workers"):
+        loader_workers(-1)
 
 
 @pytest.mark.parametrize(("roi", "size", "shape"), [

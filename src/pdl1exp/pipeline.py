@@ -147,7 +147,8 @@ def _explain(cfg: DictConfig, rois: pd.DataFrame, splits: pd.Series, fitted: Fit
                               n=cfg.evaluation.gradcam_n, out_dir=folder / "explain",
                               name=_patient_names(cfg),
                               finetune=extraction.finetune,
-                              reference=cfg.evaluation.gradcam_reference, dpi=cfg.evaluation.dpi)
+                              reference=cfg.evaluation.gradcam_reference, dpi=cfg.evaluation.dpi,
+                              cache_dir=Path(cfg.paths.cache_dir) / "gradcam")
     mlflow.log_metrics({"gradcam_heat_in_mask_median": float(result["heat_mass_inside"].median()),
                         "gradcam_area_in_mask_median": float(result["area_inside"].median())})
     log_frame(result.drop(columns="path").reset_index(drop=True), "explain/gradcam.csv")

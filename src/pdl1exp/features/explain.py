@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import torch
@@ -46,15 +48,22 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 from monai.transforms.utils_morphological_ops import dilate
 from monai.visualize import GradCAM
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from sklearn.pipeline import Pipeline
 
 from pdl1exp.features.backbones import DenseNetBackbone, ResNetBackbone
-from pdl1exp.features.extract import DEEP_PREFIX, build_network, roi_transform
+from pdl1exp.features.extract import (
+    DEEP_PREFIX,
+    build_network,
+    extractor_code_version,
+    roi_transform,
+)
 from pdl1exp.features.extractor import DeepFeatureExtractor
 from pdl1exp.features.finetune import load_finetuned
 from pdl1exp.features.weights import input_normalisation
+from pdl1exp.hashing import content_key
 from pdl1exp.imaging.crop import TumourROId
+from pdl1exp.memo import code_key, read_memo, write_memo
 
 __all__ = [
     "LinearHead",
@@ -301,8 +310,14 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
                      backbone: DictConfig, seed: int, head: LinearHead, n: int,
                      out_dir: str | Path, name: Callable[[str], str] = str,
                      finetune: dict[str, Any] | None = None, target_layer: str | None = None,
-                     reference: str = "without_tumour", dpi: int = 100) -> pd.DataFrame:
+                     reference: str = "without_tumour", dpi: int = 100,
+                     cache_dir: str | Path | None = None) -> pd.DataFrame:
     """Write Grad-CAM overlay PNGs for a sample of ROIs, ``<out_dir>/<name(patient)>.png``.
+
+    With ``cache_dir``, each patient's overlay and row are kept there under a key of
+    everything they depend on (the crop's image, mask and seed, the network's weights and
+    fine-tuning, the head, the configs, the name, the code and matplotlib's version), and a
+    later run copies them instead of mapping the patient again.
 
     The network is the one that embedded these patients: the configured weights, and with
     ``finetune`` the network fine-tuned on all training patients (pass test ROIs only).
@@ -324,6 +339,7 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
         reference: ``without_tumour``: activations relative to the crop with the dilated
             tumour blanked (module docstring); ``none``: plain Grad-CAM.
         dpi: resolution.
+        cache_dir: overlays and rows by content key (None: map every patient).
 
     Returns:
         One row per overlay (index: its name): ``path``, ``heat_mass_inside`` (fraction of
@@ -355,8 +371,26 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     sample = rois.sample(n=min(n, len(rois)), random_state=seed)
+    store = None if cache_dir is None else Path(cache_dir)
+    inputs = content_key({
+        "weights": tag, "finetune": finetune, "head": deep.to_dict(), "offset": head.offset,
+        "source": head.source, "layer": layer, "reference": reference, "dpi": dpi,
+        **{k: OmegaConf.to_container(c, resolve=True)
+           for k, c in (("preprocess", preprocess), ("roi", roi), ("backbone", backbone))},
+        "code": [code_key("features/explain.py"), extractor_code_version()],
+        "matplotlib": matplotlib.__version__,
+    })
     rows = []
     for pid, row in sample.iterrows():
+        stem = name(str(pid))
+        target = folder / f"{stem}.png"
+        key = content_key({"inputs": inputs, "image": row["image_sha"], "mask": row["mask_key"],
+                           "seed": row.get("seed"), "name": stem})
+        kept = None if store is None else read_memo(store, key)
+        if kept is not None and (store / f"{key}.png").is_file():
+            shutil.copyfile(store / f"{key}.png", target)
+            rows.append({**kept, "path": str(target)})
+            continue
         item = {"patient_id": pid, "image": row["image"], "mask": row["mask"],
                 "seed": row.get("seed")}
         image, mask, dilated = _crops(item, pre, crop, filter_size=filter_size)
@@ -373,14 +407,17 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
         if heat.ndim == 3:
             index = _largest_plane(mask, axial)
             views = tuple(np.take(a, index, axis=axial) for a in views)
-        stem = name(str(pid))
         title = f"{stem}: {inside:.0%} of the heat in the tumour + {crop.mask_dilation_mm:g} mm"
-        path = _overlay(folder / f"{stem}.png", *views, title=title, dpi=dpi)
-        rows.append({"name": stem, "path": str(path), "heat_mass_inside": inside,
-                     "area_inside": float(dilated.mean()), "score": score,
-                     "reference_score": reference_score,
-                     "explains": ("positive", "negative")[explains],
-                     "source": head.source})
+        _overlay(target, *views, title=title, dpi=dpi)
+        result = {"name": stem, "heat_mass_inside": inside,
+                  "area_inside": float(dilated.mean()), "score": score,
+                  "reference_score": reference_score,
+                  "explains": ("positive", "negative")[explains], "source": head.source}
+        if store is not None:  # the figure first: a row is only read back beside its figure
+            store.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(target, store / f"{key}.png")
+            write_memo(store, key, result)
+        rows.append({**result, "path": str(target)})
     log.info("Grad-CAM (%s, %s score) of %d patients: median %.0f%% of the heat in the tumour",
              layer, head.source, len(rows),
              100 * np.nanmedian([r["heat_mass_inside"] for r in rows]))

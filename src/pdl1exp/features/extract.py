@@ -27,6 +27,7 @@ from pdl1exp.features.extractor import (
     PatientProgress,
     RankWriter,
     ROIDataModule,
+    loader_workers,
 )
 from pdl1exp.features.finetune import (
     FULL,
@@ -211,7 +212,7 @@ def _embed(net: torch.nn.Module, items: list[dict[str, Any]], transform: Compose
                                   channels_last=backbone.channels_last, tta_views=tta_views,
                                   compile_backbone=bool(backbone.get("compile", False)))
     data = ROIDataModule(items, transform, batch_size=backbone.batch_size,
-                         num_workers=backbone.num_workers)
+                         num_workers=loader_workers(backbone.num_workers))
     progress = PatientProgress(len(items))
     if devices in (1, "1"):
         trainer = pl.Trainer(accelerator="auto", devices=1, precision=precision, logger=False,
@@ -283,7 +284,7 @@ def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
             transform=transform, cfg_finetune=backbone.finetune, seed=seed, mean=mean, std=std,
             # Training keeps fp32 master weights: bf16-true is for inference only.
             precision="bf16-mixed" if precision == "bf16-true" else precision,
-            num_workers=backbone.num_workers,
+            num_workers=loader_workers(backbone.num_workers),
             channels_last=backbone.channels_last)
         start = time.perf_counter()
         parts = {n.name: _embed(n.net, [items[p] for p in n.patients], transform, **embed)
