@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 import time
@@ -41,6 +40,7 @@ from pdl1exp.features.finetune import (
 from pdl1exp.features.weights import input_normalisation, load_weights
 from pdl1exp.hashing import content_key
 from pdl1exp.imaging.preprocess import build_transforms
+from pdl1exp.memo import code_key
 
 __all__ = [
     "DEEP_PREFIX",
@@ -95,12 +95,8 @@ class Extraction:
 
 
 def extractor_code_version() -> str:
-    """Hash of the extractor's source files."""
-    root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for name in _CODE:
-        digest.update((root / name).read_bytes())
-    return digest.hexdigest()[:12]
+    """Key of the extractor's source files (:func:`pdl1exp.memo.code_key`)."""
+    return code_key(*_CODE)
 
 
 def extractor_identity(cfg: DictConfig, extraction: Extraction) -> dict[str, Any]:
