@@ -249,3 +249,9 @@ def test_a_rerun_copies_the_kept_overlays_and_a_changed_head_maps_again(
                                name=lambda pid: f"x{pid}", **kwargs)
     assert len(calls) == 6
     assert all(Path(p).name.startswith("x") for p in renamed.path)
+    # A row whose figure is gone is not read back: the patient is mapped again.
+    for figure in (tmp_path / "cache").glob("*.png"):
+        figure.unlink()
+    assert any((tmp_path / "cache").glob("*.json"))
+    gradcam_overlays(rois, head=head, out_dir=tmp_path / "redrawn", **kwargs)
+    assert len(calls) == 9

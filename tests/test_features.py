@@ -48,6 +48,9 @@ def test_auto_loader_workers_leave_two_cores_to_the_network(cpus: int, expected:
 
 def test_a_number_of_loader_workers_is_taken_as_given_and_checked() -> None:
     assert loader_workers(3, cpus=2) == 3
+    assert loader_workers(3, cpus=2, threads=True) == 3
+    assert loader_workers("auto", cpus=2, threads=True) == 2  # threads: one per core
+    assert 0 <= loader_workers("auto") <= 4  # this machine's cores
     assert loader_workers("0") == 0
     with pytest.raises(ValueError, match=r"backbone\.num_workers"):
         loader_workers(-1)

@@ -91,7 +91,7 @@ class StageTimer:
 
 
 @contextmanager
-def peak_rss(pid: int, *, period_s: float = RSS_POLL_S) -> Iterator[dict[str, float]]:
+def peak_rss(pid: int, *, period_s: float = RSS_POLL_S) -> Iterator[dict[str, Any]]:
     """Sample the memory of ``pid`` and its descendants; peaks in MB when done.
 
     ``peak_mb``: summed RSS, which counts pages shared by forked workers once per process (an
@@ -135,7 +135,8 @@ def stage_peaks(
     """The largest memory sample taken during each stage (``other``: outside every stage).
 
     A sample belongs to the innermost call running at its time, the one that began last
-    (the wrapped stages nest, as in :class:`StageTimer`).
+    (the wrapped stages nest, as in :class:`StageTimer`). A stage shorter than the sampling
+    period may get no sample, and then no entry.
 
     Args:
         samples: (epoch time, MB) as :func:`peak_rss` records them.

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -324,7 +325,8 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
 
     Args:
         rois: the ROIs to sample from (test patients), as for
-            :func:`pdl1exp.features.extract.extract_features`.
+            :func:`pdl1exp.features.extract.extract_features` (``image``, ``mask``,
+            ``image_sha``, ``mask_key``, optional ``seed``).
         preprocess: the ``preprocess`` config.
         roi: the ``roi`` config.
         backbone: the ``backbone`` config.
@@ -415,7 +417,9 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
                   "explains": ("positive", "negative")[explains], "source": head.source}
         if store is not None:  # the figure first: a row is only read back beside its figure
             store.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(target, store / f"{key}.png")
+            partial = store / f".{key}.{os.getpid()}.png"
+            shutil.copyfile(target, partial)
+            os.replace(partial, store / f"{key}.png")  # whole, for a concurrent run
             write_memo(store, key, result)
         rows.append({**result, "path": str(target)})
     log.info("Grad-CAM (%s, %s score) of %d patients: median %.0f%% of the heat in the tumour",

@@ -280,7 +280,7 @@ def extract_features(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
             transform=transform, cfg_finetune=backbone.finetune, seed=seed, mean=mean, std=std,
             # Training keeps fp32 master weights: bf16-true is for inference only.
             precision="bf16-mixed" if precision == "bf16-true" else precision,
-            num_workers=loader_workers(backbone.num_workers),
+            num_workers=loader_workers(backbone.num_workers, threads=True),
             channels_last=backbone.channels_last)
         start = time.perf_counter()
         parts = {n.name: _embed(n.net, [items[p] for p in n.patients], transform, **embed)

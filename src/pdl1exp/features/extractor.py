@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import joblib
 import pytorch_lightning as pl
 import torch
 from monai.data import Dataset
@@ -19,18 +19,23 @@ __all__ = ["DeepFeatureExtractor", "PatientProgress", "ROIDataModule", "RankWrit
 _MAX_AUTO_WORKERS = 4
 
 
-def loader_workers(setting: int | str, *, cpus: int | None = None) -> int:
-    """Data-loading worker processes for ``backbone.num_workers``: a number as given;
-    ``auto``: the cores beyond two (the forward passes' threads and the main process), at
-    most 4.
+def loader_workers(setting: int | str, *, cpus: int | None = None,
+                   threads: bool = False) -> int:
+    """Data-loading workers for ``backbone.num_workers``: a number as given; ``auto``:
+    processes on the cores beyond two (the forward passes' threads and the main process), at
+    most 4, or with ``threads``, one thread per core.
 
-    On 2 cores that is none: loading workers only compete with the forward passes there
-    (64 ROIs, ResNet50 fp32: 19.2 s with 2 workers, 20.3 s with none), while each forked
-    worker adds the parent's resident pages to the tree's RSS (peak 2.5 GB vs 1.1 GB).
+    On 2 cores ``auto`` starts no process: loading processes only compete with the forward
+    passes there (64 ROIs, ResNet50 fp32: 19.2 s with 2 workers, 20.3 s with none), and
+    each forked worker maps the parent's resident pages again, which the tree's summed RSS
+    counts once per process (peak 2.5 GB vs 1.1 GB; by PSS, which splits shared pages,
+    1.7 vs 1.1 GB). Threads (fine-tuning's caching) share the process's memory.
 
     Args:
         setting: a non-negative int or ``"auto"``.
-        cpus: cores available; None: those of this process.
+        cpus: cores available; None: those this process may use (``joblib.cpu_count``:
+            affinity and container CPU quota).
+        threads: the workers are threads, not processes.
     """
     if str(setting) != "auto":
         workers = int(setting)
@@ -38,10 +43,8 @@ def loader_workers(setting: int | str, *, cpus: int | None = None) -> int:
             msg = f"backbone.num_workers must be >= 0 or 'auto', got {setting!r}"
             raise ValueError(msg)
         return workers
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
-    return max(0, min(_MAX_AUTO_WORKERS, cpus - 2))
+    cpus = joblib.cpu_count() if cpus is None else cpus
+    return cpus if threads else max(0, min(_MAX_AUTO_WORKERS, cpus - 2))
 
 
 class ROIDataModule(pl.LightningDataModule):
