@@ -233,6 +233,12 @@ def test_a_rerun_copies_the_kept_overlays_and_a_changed_head_maps_again(
     with monkeypatch.context() as patch:
         patch.setattr(explain, "gradcam_maps", no_mapping)
         again = gradcam_overlays(rois, head=head, out_dir=tmp_path / "again", **kwargs)
+        # Settings that do not change the network's outputs keep the overlays.
+        other_run = compose_cfg("backbone=resnet18_2d", "backbone.input_size=[64,64]",
+                                "backbone.weights=random", "backbone.batch_size=3",
+                                "backbone.num_workers=0")
+        gradcam_overlays(rois, head=head, out_dir=tmp_path / "batch",
+                         **{**kwargs, "backbone": other_run.backbone})
     pd.testing.assert_frame_equal(again.drop(columns="path"), first.drop(columns="path"))
     for old, new in zip(first.path, again.path, strict=True):
         assert Path(new).parent == tmp_path / "again"

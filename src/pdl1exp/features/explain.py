@@ -57,6 +57,7 @@ from pdl1exp.features.extract import (
     DEEP_PREFIX,
     build_network,
     extractor_code_version,
+    network_config,
     roi_transform,
 )
 from pdl1exp.features.extractor import DeepFeatureExtractor
@@ -316,8 +317,9 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
     """Write Grad-CAM overlay PNGs for a sample of ROIs, ``<out_dir>/<name(patient)>.png``.
 
     With ``cache_dir``, each patient's overlay and row are kept there under a key of
-    everything they depend on (the crop's image, mask and seed, the network's weights and
-    fine-tuning, the head, the configs, the name, the code and matplotlib's version), and a
+    everything they depend on (the crop's image, mask and seed, the network's settings,
+    weights and fine-tuning, the head, the preprocessing and ROI configs, the name, the code
+    and matplotlib's version; not the batch size, workers or devices), and a
     later run copies them instead of mapping the patient again.
 
     The network is the one that embedded these patients: the configured weights, and with
@@ -377,8 +379,9 @@ def gradcam_overlays(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictCon
     inputs = content_key({
         "weights": tag, "finetune": finetune, "head": deep.to_dict(), "offset": head.offset,
         "source": head.source, "layer": layer, "reference": reference, "dpi": dpi,
+        "network": network_config(backbone),
         **{k: OmegaConf.to_container(c, resolve=True)
-           for k, c in (("preprocess", preprocess), ("roi", roi), ("backbone", backbone))},
+           for k, c in (("preprocess", preprocess), ("roi", roi))},
         "code": [code_key("features/explain.py"), extractor_code_version()],
         "matplotlib": matplotlib.__version__,
     })

@@ -51,6 +51,7 @@ __all__ = [
     "extractor_code_version",
     "extractor_identity",
     "feature_key",
+    "network_config",
     "resolve_precision",
     "roi_transform",
 ]
@@ -94,6 +95,13 @@ class Extraction:
     finetune: dict[str, Any] | None = None
 
 
+def network_config(backbone: DictConfig) -> dict[str, Any]:
+    """The backbone settings that, with its weights, define the network's outputs (not batch
+    size, workers, devices or precision)."""
+    settings = OmegaConf.to_container(backbone, resolve=True)
+    return {k: settings[k] for k in ("arch", "spatial_dims", "multi_stage", "input_size")}
+
+
 def extractor_code_version() -> str:
     """Key of the extractor's source files (:func:`pdl1exp.memo.code_key`)."""
     return code_key(*_CODE)
@@ -130,7 +138,6 @@ def feature_key(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictConfig,
     ``finetune`` (from :func:`pdl1exp.features.finetune.finetune_spec`) adds the fine-tuning
     config, seed and training labels; without it the key is that of the loaded weights.
     """
-    arch = OmegaConf.to_container(backbone, resolve=True)
     return content_key({
         **({"finetune": finetune} if finetune else {}),
         # A table without a seed column (masks only) keys with NaN seeds.
@@ -138,7 +145,7 @@ def feature_key(rois: pd.DataFrame, *, preprocess: DictConfig, roi: DictConfig,
         .to_dict("index"),
         "preprocess": OmegaConf.to_container(preprocess, resolve=True),
         "roi": OmegaConf.to_container(roi, resolve=True),
-        "backbone": {k: arch[k] for k in ("arch", "spatial_dims", "multi_stage", "input_size")},
+        "backbone": network_config(backbone),
         "weights": weights_tag, "precision": precision, "tta_views": tta_views,
         "code": extractor_code_version(),
     })
