@@ -127,6 +127,28 @@ def test_exponents_are_log_log_slopes() -> None:
     assert result == {"linear": 1.0, "flat": 0.0, "square": 2.0}
 
 
+def test_scaling_runs_each_unknown_size_cold_with_the_large_overrides_from_large_from(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_run(overrides: list[str], *, folder: str) -> dict:
+        calls.append(overrides)
+        size = int(next(o for o in overrides if "n_patients" in o).split("=")[1])
+        return {"wall_s": size / 10, "peak_rss_mb": 500.0, "peak_pss_mb": 400.0,
+                "stages_s": {"cohort": size / 100, "sweep": 30.0}}
+
+    monkeypatch.setattr(bench_scaling, "run_pipeline", fake_run)
+    known = {100: fake_run(["dataset.generator.n_patients=100"], folder="")}
+    calls.clear()
+    result = bench_scaling.run(n=(100, 1000, 10000), overrides=("+experiment=x", "t=4"),
+                               large=("small=1",), large_from=1000, known=known)
+    assert calls == [["+experiment=x", "t=4", "dataset.generator.n_patients=1000", "small=1"],
+                     ["+experiment=x", "t=4", "dataset.generator.n_patients=10000", "small=1"]]
+    assert result["overrides"] == ["+experiment=x", "t=4"]
+    assert result["exponent"] == {"cohort": 1.0, "sweep": 0.0, "total": 1.0}
+    assert result["volumes"] == {"default": [100], "smaller (small=1)": [1000, 10000]}
+
+
 def test_peer_240_splits_extraction_and_modelling() -> None:
     result = bench_scaling.peer_240({"wall_s": 100.0, "peak_rss_mb": 900.0, "stages_s": {
         "cohort": 30.0, "segmentation": 5.0, "deep_features": 10.0, "radiomics": 5.0,
