@@ -168,6 +168,18 @@ def test_ratios_judge_each_target() -> None:
                         "bf16_fraction_of_peak": (0.8 / 0.75, True)}
 
 
+def test_the_paper_section_runs_cold_and_warm_in_the_full_bench_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(bench_main.bench_e2e, "run",
+                        lambda *, overrides: calls.append(overrides) or {"warm_s": 300.0})
+    assert "paper" not in bench_main._suites(quick=True)
+    result = bench_main._suites(quick=False)["paper"]()
+    assert calls == [("+experiment=paper",)]
+    rows = bench_main.ratios({"paper": result})
+    assert [(r["measure"], r["ratio"], r["met"]) for r in rows] == [("warm_s", 1.25, False)]
+
+
 def test_only_reruns_its_sections_and_keeps_the_others(monkeypatch: pytest.MonkeyPatch,
                                                       tmp_path: Path) -> None:
     suites = {"statistics": lambda: {"delong_ci_s": 0.5},
