@@ -201,17 +201,45 @@ def test_only_reruns_its_sections_and_keeps_the_others(monkeypatch: pytest.Monke
     assert report["machine"]["cpu_capability"]
 
 
-def test_backbone_bench_has_the_contract_keys_on_tiny_inputs() -> None:
+@pytest.mark.parametrize("bf16", [True, False])
+def test_backbone_bench_has_the_contract_keys_on_tiny_inputs(
+        bf16: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Forced either way: tiny bf16 inputs run (emulated) on any CPU.
+    monkeypatch.setattr(bench_backbone, "cpu_bf16", lambda: bf16)
     result = bench_backbone.run(
         n_images=2, n_volumes=1, compile_2d=False, matmul_sizes=(64,),
         overrides=("backbone.batch_size=2", "backbone.input_size=[32,32]"),
         overrides_3d=("backbone.batch_size=1", "backbone.input_size=[16,16,16]"))
+    assert result["bf16_supported"] is bf16
     for prefix in ("", "fmcib_3d_"):
-        for path in ("fp32", "autocast", "bf16"):
-            assert result[f"{prefix}{path}_rois_per_s"] > 0
-            assert result[f"{prefix}{path}_fraction_of_peak"] > 0
-        assert result[f"{prefix}bf16_cosine_min"] >= BF16_COSINE_MIN
-    assert result["matmul_peak_bf16_gflop_per_s"] > 0
+        assert result[f"{prefix}fp32_rois_per_s"] > 0
+        assert result[f"{prefix}fp32_fraction_of_peak"] > 0
+        for path in ("autocast", "bf16"):
+            if bf16:
+                assert result[f"{prefix}{path}_rois_per_s"] > 0
+                assert result[f"{prefix}{path}_fraction_of_peak"] > 0
+            else:  # not timed: emulated bf16 says nothing about extraction, which runs fp32
+                assert f"{prefix}{path}_rois_per_s" not in result
+        if bf16:
+            assert result[f"{prefix}bf16_cosine_min"] >= BF16_COSINE_MIN
+        else:
+            assert result[f"{prefix}bf16_fraction_of_peak"] is None
+    peak = result["matmul_peak_bf16_gflop_per_s"]
+    assert peak > 0 if bf16 else peak is None
+    rows = {r["measure"]: r["met"] for r in bench_main.ratios({"backbone": result})}
+    assert (rows["bf16_fraction_of_peak"] is None) is not bf16
+    assert (rows["fmcib_3d_bf16_fraction_of_peak"] is None) is not bf16
+
+
+def test_a_target_recorded_as_none_is_reported_not_measured() -> None:
+    rows = bench_main.ratios({"backbone": {"bf16_fraction_of_peak": None,
+                                           "fp32_fraction_of_peak": 0.49}})
+    assert [(r["measure"], r["value"], r["ratio"], r["met"]) for r in rows] == [
+        ("bf16_fraction_of_peak", None, None, None),
+        ("fp32_fraction_of_peak", 0.49, pytest.approx(0.7), False)]
+    table = bench_main._targets_table(rows)
+    assert "| backbone | `bf16_fraction_of_peak` | ≥ 0.75 | — | — | not measured |" in table
+    assert "| backbone | `fp32_fraction_of_peak` | ≥ 0.7 | 0.49 | 0.70 | missed |" in table
 
 
 def _predict(precision: str, images: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,9 @@ an earlier run). ``--quick`` (what
 cold run (no 1000/3000). Each cold run is dominated by the sweep (about 6-7 min on 2 cores
 whatever the cohort size), so the quick subset takes about 40 min there
 (experiments/BENCHMARKS.md). The full run adds ``paper`` (cold and warm
-``+experiment=paper``) and scales to 1000 and 3000 patients: 100, 352, 1000 and 3000 at the
-smaller volumes and 4 trials per classifier (its ``overrides`` and ``volumes`` say so).
+``+experiment=paper``, 16 min there) and scales to 1000 and 3000 patients: 100, 352, 1000 and
+3000 at the smaller volumes and 4 trials per classifier (its ``overrides`` and ``volumes`` say
+so; 78 min there).
 """
 
 from __future__ import annotations
@@ -93,11 +94,19 @@ def extraction(*overrides: str) -> dict[str, Any]:
 
 
 def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every target of :data:`TARGETS` with its value, ratio (value / target) and verdict."""
+    """Every target of :data:`TARGETS` with its value, ratio (value / target) and verdict.
+
+    A section run without a target's measure has none; one that records the measure as None
+    (a bf16 target on a CPU without bf16) gets a row with ``met`` None: not measured.
+    """
     rows = []
     for (section, measure), (target, sense) in TARGETS.items():
-        value = results.get(section, {}).get(measure)
+        if measure not in results.get(section, {}):
+            continue
+        value = results[section][measure]
         if value is None:
+            rows.append({"section": section, "measure": measure, "target": target,
+                         "sense": sense, "value": None, "ratio": None, "met": None})
             continue
         met = value <= target if sense == "max" else value >= target
         rows.append({"section": section, "measure": measure, "target": target, "sense": sense,
@@ -120,8 +129,10 @@ def _section(name: str, results: dict[str, Any]) -> str:
 
 def _targets_table(rows: list[dict[str, Any]]) -> str:
     lines = [f"| {r['section']} | `{r['measure']}` | {'≤' if r['sense'] == 'max' else '≥'} "
-             f"{r['target']:g} | {r['value']:.4g} | {r['ratio']:.2f} | "
-             f"{'met' if r['met'] else 'missed'} |" for r in rows]
+             f"{r['target']:g} | "
+             + ("— | — | not measured |" if r["met"] is None else
+                f"{r['value']:.4g} | {r['ratio']:.2f} | {'met' if r['met'] else 'missed'} |")
+             for r in rows]
     return ("## Targets\n\n| section | measure | target | value | ratio | verdict |\n"
             "|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 

@@ -21,7 +21,7 @@ from pdl1exp.features.backbones import build_backbone
 from pdl1exp.features.extractor import DeepFeatureExtractor
 from pdl1exp.paths import CONFIG_DIR
 
-__all__ = ["run"]
+__all__ = ["cpu_bf16", "run"]
 
 MATMUL_SIZES = (2048, 4096)  # square sizes large enough to reach the BLAS / oneDNN peak
 MATMUL_REPEATS = 8  # best of several: short enough to catch a moment without other load
@@ -64,21 +64,33 @@ def run(
         overrides_3d: extra Hydra overrides of the 3D config.
         conf_dir: the Hydra config folder.
     """
+    bf16 = cpu_bf16()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        peaks = {dtype: _matmul_peak(getattr(torch, name), sizes=matmul_sizes)
-                 for dtype, name in (("fp32", "float32"), ("bf16", "bfloat16"))}
+        peaks = {"fp32": _matmul_peak(torch.float32, sizes=matmul_sizes)}
+        if bf16:
+            peaks["bf16"] = _matmul_peak(torch.bfloat16, sizes=matmul_sizes)
         plain = _measure(_compose(conf_dir, backbone, overrides), n_images=n_images,
                          peaks=peaks, compiled=compile_2d)
         volume = _measure(_compose(conf_dir, backbone_3d, overrides_3d), n_images=n_volumes,
                           peaks=peaks, compiled=False)
     finally:
         torch.set_num_threads(previous_threads)
-    return {"threads": threads,
+    return {"threads": threads, "bf16_supported": bf16,
             "matmul_peak_fp32_gflop_per_s": peaks["fp32"] / 1e9,
-            "matmul_peak_bf16_gflop_per_s": peaks["bf16"] / 1e9, **plain,
+            "matmul_peak_bf16_gflop_per_s": peaks["bf16"] / 1e9 if bf16 else None, **plain,
             **{f"{backbone_3d}_{k}": v for k, v in volume.items()}}
+
+
+def cpu_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (as for extraction's precision).
+
+    Without them bf16 is emulated, orders of magnitude slower: extraction runs in fp32 there
+    (:func:`pdl1exp.features.extract.resolve_precision`), so the bf16 paths are not timed.
+    """
+    return bool(torch.backends.mkldnn.is_available()
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _compose(conf_dir: str | Path, backbone: str, overrides: tuple[str, ...]) -> DictConfig:
@@ -103,7 +115,8 @@ def _extractor(cfg: DictConfig, *, dtype: torch.dtype, compiled: bool) -> DeepFe
 
 def _measure(cfg: DictConfig, *, n_images: int, peaks: dict[str, float],
              compiled: bool) -> dict[str, float | str]:
-    """Throughput of ``cfg.backbone``'s paths on random inputs of its ROI's shape."""
+    """Throughput of ``cfg.backbone``'s paths on random inputs of its ROI's shape: the bf16
+    ones only with a bf16 peak in ``peaks`` (else ``bf16_fraction_of_peak`` is None)."""
     bb = cfg.backbone
     generator = torch.Generator().manual_seed(0)
     batch = torch.rand(bb.batch_size, cfg.roi.channels, *bb.input_size, generator=generator)
@@ -112,13 +125,17 @@ def _measure(cfg: DictConfig, *, n_images: int, peaks: dict[str, float],
         reference.backbone(batch[:1])
     flop = counter.get_total_flops()
     n_batches = math.ceil(n_images / bb.batch_size)
-    paths = {"fp32": (torch.float32, False, False), "autocast": (torch.float32, True, False),
-             "bf16": (torch.bfloat16, False, False)}
-    if compiled:
-        paths["bf16_compiled"] = (torch.bfloat16, False, True)
-    results: dict[str, float | str] = {
+    paths = {"fp32": (torch.float32, False, False)}
+    if "bf16" in peaks:
+        paths |= {"autocast": (torch.float32, True, False),
+                  "bf16": (torch.bfloat16, False, False)}
+        if compiled:
+            paths["bf16_compiled"] = (torch.bfloat16, False, True)
+    results: dict[str, float | str | None] = {
         "input_size": "x".join(str(s) for s in bb.input_size), "batch_size": bb.batch_size,
         "images_timed": n_batches * bb.batch_size, "gflop_per_image": flop / 1e9}
+    if "bf16" not in peaks:  # a target the report lists as not measured
+        results["bf16_fraction_of_peak"] = None
     with torch.inference_mode():
         expected = reference(batch)
     for path, (dtype, autocast, compile_backbone) in paths.items():
