@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from pdl1exp.bench import e2e as bench_e2e
 from pdl1exp.bench import radiomics as bench_radiomics
 from pdl1exp.bench import scaling as bench_scaling
 from pdl1exp.features.backbones import build_backbone
+from pdl1exp.features.extract import resolve_precision
 from pdl1exp.features.extractor import DeepFeatureExtractor
 
 # Least cosine similarity and largest relative L2 error of bf16 features against fp32 ones.
@@ -135,7 +137,8 @@ def test_scaling_runs_each_unknown_size_cold_with_the_large_overrides_from_large
         calls.append(overrides)
         size = int(next(o for o in overrides if "n_patients" in o).split("=")[1])
         return {"wall_s": size / 10, "peak_rss_mb": 500.0, "peak_pss_mb": 400.0,
-                "stages_s": {"cohort": size / 100, "sweep": 30.0}}
+                "stages_s": {"cohort": size / 100, "sweep": 30.0},
+                "excluded_patients": size // 1000}
 
     monkeypatch.setattr(bench_scaling, "run_pipeline", fake_run)
     known = {100: fake_run(["dataset.generator.n_patients=100"], folder="")}
@@ -145,8 +148,31 @@ def test_scaling_runs_each_unknown_size_cold_with_the_large_overrides_from_large
     assert calls == [["+experiment=x", "t=4", "dataset.generator.n_patients=1000", "small=1"],
                      ["+experiment=x", "t=4", "dataset.generator.n_patients=10000", "small=1"]]
     assert result["overrides"] == ["+experiment=x", "t=4"]
+    assert result["excluded"] == [0, 1, 10]
     assert result["exponent"] == {"cohort": 1.0, "sweep": 0.0, "total": 1.0}
     assert result["volumes"] == {"default": [100], "smaller (small=1)": [1000, 10000]}
+
+
+def test_the_full_scaling_reruns_every_size_small_with_4_trials_and_skipping(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(bench_main.bench_scaling, "run",
+                        lambda **kwargs: calls.append(kwargs) or {})
+    bench_main._suites(quick=False)["scaling"]()
+    assert calls == [{"n": (100, 352, 1000, 3000), "large_from": 0, "overrides": (
+        "+experiment=fusion", "tuning.n_trials=4", "dataset.on_error=skip")}]  # no known runs
+
+
+def test_excluded_patients_counts_distinct_ids_of_this_runs_tables(tmp_path: Path) -> None:
+    old = tmp_path / "mlruns" / "1" / "a" / "excluded_patients.csv"
+    new = tmp_path / "mlruns" / "1" / "b" / "excluded_patients.csv"
+    for path, rows in ((old, "P1,seed,x\n"), (new, "P2,seed,leaks\nP2,mask,x\nP3,ct,x\n")):
+        path.parent.mkdir(parents=True)
+        path.write_text("patient_id,column,reason\n" + rows)
+    os.utime(old, (1000.0, 1000.0))
+    assert bench_e2e.excluded_patients(tmp_path, since=2000.0) == 2
+    assert bench_e2e.excluded_patients(tmp_path, since=0.0) == 3
+    assert bench_e2e.excluded_patients(tmp_path / "mlruns" / "2", since=0.0) == 0
 
 
 def test_peer_240_splits_extraction_and_modelling() -> None:
@@ -206,8 +232,8 @@ def test_backbone_bench_has_the_contract_keys_on_tiny_inputs(
         bf16: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # Forced either way: tiny bf16 inputs run (emulated) on any CPU.
     monkeypatch.setattr(bench_backbone, "cpu_bf16", lambda: bf16)
-    result = bench_backbone.run(
-        n_images=2, n_volumes=1, compile_2d=False, matmul_sizes=(64,),
+    result = bench_backbone.run(  # compiling is asked for where it must be skipped
+        n_images=2, n_volumes=1, compile_2d=not bf16, matmul_sizes=(64,),
         overrides=("backbone.batch_size=2", "backbone.input_size=[32,32]"),
         overrides_3d=("backbone.batch_size=1", "backbone.input_size=[16,16,16]"))
     assert result["bf16_supported"] is bf16
@@ -224,11 +250,21 @@ def test_backbone_bench_has_the_contract_keys_on_tiny_inputs(
             assert result[f"{prefix}bf16_cosine_min"] >= BF16_COSINE_MIN
         else:
             assert result[f"{prefix}bf16_fraction_of_peak"] is None
+            assert not any(key.startswith(f"{prefix}bf16_c") for key in result)
     peak = result["matmul_peak_bf16_gflop_per_s"]
     assert peak > 0 if bf16 else peak is None
     rows = {r["measure"]: r["met"] for r in bench_main.ratios({"backbone": result})}
     assert (rows["bf16_fraction_of_peak"] is None) is not bf16
     assert (rows["fmcib_3d_bf16_fraction_of_peak"] is None) is not bf16
+
+
+def test_the_bench_sees_bf16_where_extraction_runs_bf16(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        precision = resolve_precision("bf16-true")
+    assert precision == ("bf16-true" if bench_backbone.cpu_bf16() else "32-true")
 
 
 def test_a_target_recorded_as_none_is_reported_not_measured() -> None:

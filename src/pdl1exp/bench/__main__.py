@@ -96,7 +96,7 @@ def extraction(*overrides: str) -> dict[str, Any]:
 def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Every target of :data:`TARGETS` with its value, ratio (value / target) and verdict.
 
-    A section run without a target's measure has none; one that records the measure as None
+    A section run without a target's measure gets no row; one that records it as None
     (a bf16 target on a CPU without bf16) gets a row with ``met`` None: not measured.
     """
     rows = []
@@ -138,7 +138,8 @@ def _targets_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _suites(quick: bool) -> dict[str, Callable[[], dict[str, Any]]]:
-    """The benchmarks in order; scaling and peer_240 reuse the e2e and 240-patient runs."""
+    """The benchmarks in order. With ``quick``, scaling reuses the e2e and 240-patient runs;
+    the full scaling reruns every size at the smaller volumes, and the full bench adds paper."""
     fusion = ("+experiment=fusion",)
     measured: dict[int, dict[str, Any]] = {}
 
@@ -147,7 +148,8 @@ def _suites(quick: bool) -> dict[str, Callable[[], dict[str, Any]]]:
         measured[352] = {"wall_s": result["cold_s"], "peak_rss_mb": result["peak_rss_mb"],
                          "peak_pss_mb": result["peak_pss_mb"],
                          "stages_s": result["stages_s"],
-                         "warm_stages_s": result["warm_stages_s"]}
+                         "warm_stages_s": result["warm_stages_s"],
+                         "excluded_patients": result["excluded_patients"]}
         return result
 
     def peer() -> dict[str, Any]:
@@ -160,9 +162,10 @@ def _suites(quick: bool) -> dict[str, Callable[[], dict[str, Any]]]:
         if quick:  # the e2e and 240-patient runs, plus one of 100
             return bench_scaling.run(n=(100, 240, 352), overrides=fusion, known=measured)
         # Up to 3000 patients: every size at the smaller volumes and 4 trials per classifier,
-        # so that each exponent compares like with like and the four runs take about 1.5 h
+        # so that each exponent compares like with like and the four runs take about 80 min
         # on 2 cores (20 trials: the sweep alone would take hours at 3000). A seed whose
-        # region leaks excludes its patient (listed), as a user of thousands would choose.
+        # region leaks excludes its patient (counted under ``excluded``), as a user of
+        # thousands would choose.
         return bench_scaling.run(
             n=(100, 352, 1000, 3000),
             overrides=(*fusion, "tuning.n_trials=4", "dataset.on_error=skip"), large_from=0)

@@ -11,6 +11,7 @@ import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -39,7 +40,7 @@ def run(
     overrides: tuple[str, ...] = (),
     overrides_3d: tuple[str, ...] = (),
     conf_dir: str | Path = CONFIG_DIR,
-) -> dict[str, float | str]:
+) -> dict[str, Any]:
     """Measure ROIs/s per precision path, FLOPs per ROI and the fp32/bf16 matmul peaks.
 
     Paths, each through :class:`~pdl1exp.features.extractor.DeepFeatureExtractor` as the
@@ -51,6 +52,8 @@ def run(
     capability: other processes share the cores); ``*_fraction_of_peak`` is the achieved
     FLOP/s over the matmul peak of the same dtype, ``bf16_fraction_of_peak`` that of the
     default ``bf16`` path; ``*_cosine_min``: least cosine similarity to the fp32 features.
+    Without oneDNN bf16 kernels (:func:`cpu_bf16`: ``bf16_supported`` False) only ``fp32`` is
+    timed, and the bf16 peak and ``*bf16_fraction_of_peak`` are None (not measured).
 
     Args:
         n_images: 2D ROIs timed per path (rounded up to whole batches).
@@ -114,7 +117,7 @@ def _extractor(cfg: DictConfig, *, dtype: torch.dtype, compiled: bool) -> DeepFe
 
 
 def _measure(cfg: DictConfig, *, n_images: int, peaks: dict[str, float],
-             compiled: bool) -> dict[str, float | str]:
+             compiled: bool) -> dict[str, Any]:
     """Throughput of ``cfg.backbone``'s paths on random inputs of its ROI's shape: the bf16
     ones only with a bf16 peak in ``peaks`` (else ``bf16_fraction_of_peak`` is None)."""
     bb = cfg.backbone
@@ -125,16 +128,17 @@ def _measure(cfg: DictConfig, *, n_images: int, peaks: dict[str, float],
         reference.backbone(batch[:1])
     flop = counter.get_total_flops()
     n_batches = math.ceil(n_images / bb.batch_size)
+    bf16 = "bf16" in peaks
     paths = {"fp32": (torch.float32, False, False)}
-    if "bf16" in peaks:
+    if bf16:
         paths |= {"autocast": (torch.float32, True, False),
                   "bf16": (torch.bfloat16, False, False)}
         if compiled:
             paths["bf16_compiled"] = (torch.bfloat16, False, True)
-    results: dict[str, float | str | None] = {
+    results: dict[str, Any] = {
         "input_size": "x".join(str(s) for s in bb.input_size), "batch_size": bb.batch_size,
         "images_timed": n_batches * bb.batch_size, "gflop_per_image": flop / 1e9}
-    if "bf16" not in peaks:  # a target the report lists as not measured
+    if not bf16:  # a target the report lists as not measured
         results["bf16_fraction_of_peak"] = None
     with torch.inference_mode():
         expected = reference(batch)

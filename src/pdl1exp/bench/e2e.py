@@ -12,6 +12,7 @@ descendants (cohort writers, data loaders, PyRadiomics workers) with psutil.
 
 from __future__ import annotations
 
+import csv
 import functools
 import importlib
 import json
@@ -28,7 +29,8 @@ from unittest import mock
 
 import psutil
 
-__all__ = ["STAGES", "StageTimer", "peak_rss", "run", "run_pipeline", "stage_peaks"]
+__all__ = ["STAGES", "StageTimer", "excluded_patients", "peak_rss", "run", "run_pipeline",
+           "stage_peaks"]
 
 # (module, attribute, stage): the stage functions as the pipeline looks them up.
 STAGES: tuple[tuple[str, str, str], ...] = (
@@ -160,7 +162,8 @@ def run_pipeline(overrides: Sequence[str], *, folder: str | Path) -> dict[str, A
 
     Returns:
         ``wall_s``, ``peak_rss_mb``, ``peak_pss_mb`` (:func:`peak_rss`), ``stages_s``
-        ({stage: s}, ``other`` included), ``peak_rss_mb_by_stage`` (:func:`stage_peaks`).
+        ({stage: s}, ``other`` included), ``peak_rss_mb_by_stage`` (:func:`stage_peaks`),
+        ``excluded_patients`` (:func:`excluded_patients`).
     """
     folder = Path(folder).resolve()
     stages_file = folder / "stages.json"
@@ -169,7 +172,7 @@ def run_pipeline(overrides: Sequence[str], *, folder: str | Path) -> dict[str, A
               f"tuning.storage=sqlite:///{folder / 'optuna.db'}",
               f"hydra.run.dir={folder / 'runs' / '${now:%H-%M-%S-%f}'}"]
     command = [sys.executable, "-m", "pdl1exp.bench.e2e", str(stages_file), *overrides, *stores]
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     process = psutil.Popen(command, cwd=folder)
     with peak_rss(process.pid) as memory:
         code = process.wait()
@@ -183,7 +186,19 @@ def run_pipeline(overrides: Sequence[str], *, folder: str | Path) -> dict[str, A
     return {"wall_s": wall_s, "peak_rss_mb": memory["peak_mb"],
             "peak_pss_mb": memory["peak_pss_mb"],
             "stages_s": {k: round(v, 2) for k, v in stages.items()},
-            "peak_rss_mb_by_stage": stage_peaks(memory["samples"], timed["intervals"])}
+            "peak_rss_mb_by_stage": stage_peaks(memory["samples"], timed["intervals"]),
+            "excluded_patients": excluded_patients(folder, since=started)}
+
+
+def excluded_patients(folder: Path, *, since: float) -> int:
+    """Distinct patients in the ``excluded_patients.csv`` artifacts written under ``folder``
+    from ``since`` (epoch s) on: those a ``dataset.on_error=skip`` run left out."""
+    ids: set[str] = set()
+    for path in folder.rglob("excluded_patients.csv"):
+        if path.stat().st_mtime >= since:
+            with path.open(newline="") as table:
+                ids |= {row["patient_id"] for row in csv.DictReader(table)}
+    return len(ids)
 
 
 def run(*, overrides: Sequence[str] = ("+experiment=fusion",)) -> dict[str, Any]:
@@ -194,8 +209,8 @@ def run(*, overrides: Sequence[str] = ("+experiment=fusion",)) -> dict[str, Any]
 
     Returns:
         ``cold_s``, ``warm_s``, ``peak_rss_mb`` (the larger of both runs), ``stages_s`` (cold),
-        ``warm_stages_s``, ``peak_rss_mb_warm``, ``peak_rss_mb_by_stage`` (cold) and how
-        stages were timed.
+        ``warm_stages_s``, ``peak_rss_mb_warm``, ``peak_rss_mb_by_stage`` and
+        ``excluded_patients`` (cold) and how stages were timed.
     """
     with tempfile.TemporaryDirectory(prefix="pdl1exp-bench-") as folder:
         cold = run_pipeline(overrides, folder=folder)
@@ -207,6 +222,7 @@ def run(*, overrides: Sequence[str] = ("+experiment=fusion",)) -> dict[str, Any]
             "peak_pss_mb": round(max(cold["peak_pss_mb"], warm["peak_pss_mb"]), 1),
             "stages_s": cold["stages_s"], "warm_stages_s": warm["stages_s"],
             "peak_rss_mb_by_stage": cold["peak_rss_mb_by_stage"],
+            "excluded_patients": cold["excluded_patients"],
             "timing": "stage functions wrapped in the run's process (pdl1exp.bench.e2e.STAGES); "
                       "RSS (and PSS) of the process tree sampled every 0.2 s with psutil"}
 

@@ -58,8 +58,9 @@ def run(
             overrides (the e2e cold run, the 240-patient run), reused instead of rerun.
 
     Returns:
-        ``n``, ``overrides``, ``stage_s`` {stage: [s per n]}, ``wall_s``, ``rss_mb``,
-        ``pss_mb``, ``exponent`` {stage: slope}, ``volumes``.
+        ``n``, ``overrides``, ``excluded`` [patients left out per n], ``stage_s`` {stage:
+        [s per n]}, ``wall_s``, ``rss_mb``, ``pss_mb``, ``exponent`` {stage: slope},
+        ``volumes``.
     """
     runs = []
     for size in n:
@@ -73,7 +74,9 @@ def run(
     stages = sorted({s for r in runs for s in r["stages_s"]})
     stage_s = {s: [r["stages_s"].get(s, 0.0) for r in runs] for s in stages}
     wall = [round(r["wall_s"], 1) for r in runs]
-    return {"n": list(n), "overrides": list(overrides), "stage_s": stage_s, "wall_s": wall,
+    return {"n": list(n), "overrides": list(overrides),
+            "excluded": [r["excluded_patients"] for r in runs], "stage_s": stage_s,
+            "wall_s": wall,
             "rss_mb": [round(r["peak_rss_mb"], 1) for r in runs],
             "pss_mb": [round(r.get("peak_pss_mb", float("nan")), 1) for r in runs],
             "exponent": {**exponents(n, stage_s), **exponents(n, {"total": wall})},
