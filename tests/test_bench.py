@@ -213,16 +213,19 @@ def test_only_reruns_its_sections_and_keeps_the_others(monkeypatch: pytest.Monke
     monkeypatch.setattr(bench_main, "_suites", lambda quick: suites)
     (tmp_path / "BENCHMARKS.json").write_text(json.dumps({
         "machine": {"platform": "earlier"}, "radiomics": {"patients": 4},
+        "paper": {"warm_s": 40.0},  # a full-bench section, kept though not a suite here
         "statistics": {"delong_ci_s": 2.0}, "targets": []}))
     bench_main.main(["--only", "statistics", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "BENCHMARKS.json").read_text())
     assert report["statistics"] == {"delong_ci_s": 0.5}
     assert report["radiomics"] == {"patients": 4}
-    assert report["machine"]["sections_from_an_earlier_run"] == ["radiomics"]
-    assert [t["value"] for t in report["targets"]] == [0.5]
+    assert report["paper"] == {"warm_s": 40.0}
+    assert report["machine"]["sections_from_an_earlier_run"] == ["paper", "radiomics"]
+    assert [t["value"] for t in report["targets"]] == [40.0, 0.5]
     markdown = (tmp_path / "BENCHMARKS.md").read_text()
     assert "`patients` | 4" in markdown
-    assert "Kept from an earlier run, which may have been on another machine: radiomics" in markdown
+    assert ("Kept from an earlier run, which may have been on another machine: paper, radiomics"
+            in markdown)
     assert report["machine"]["processor"]
     assert report["machine"]["cpu_capability"]
 

@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
     }
     if args.only:  # the other sections of an existing report stay, marked as earlier
-        earlier = _earlier(Path(args.out), keep=set(suites) - set(args.only))
+        earlier = _earlier(Path(args.out), rerun=set(args.only))
         results["machine"]["sections_from_an_earlier_run"] = sorted(earlier)
         results.update(earlier)
     for name, suite in suites.items():
@@ -238,13 +238,14 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _earlier(folder: Path, *, keep: set[str]) -> dict[str, Any]:
-    """The ``keep`` sections of ``folder``'s existing BENCHMARKS.json (none without one)."""
+def _earlier(folder: Path, *, rerun: set[str]) -> dict[str, Any]:
+    """The sections of ``folder``'s existing BENCHMARKS.json other than ``rerun`` (none
+    without one), those of the full bench too under ``--quick`` (``paper``)."""
     path = folder / "BENCHMARKS.json"
     if not path.is_file():
         return {}
     return {name: value for name, value in json.loads(path.read_text()).items()
-            if name in keep}
+            if name not in {*rerun, "machine", "targets"}}
 
 
 def _write(folder: Path, results: dict[str, Any], *, quick: bool) -> None:
