@@ -104,13 +104,10 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
         if measure not in results.get(section, {}):
             continue
         value = results[section][measure]
-        if value is None:
-            rows.append({"section": section, "measure": measure, "target": target,
-                         "sense": sense, "value": None, "ratio": None, "met": None})
-            continue
-        met = value <= target if sense == "max" else value >= target
+        measured = value is not None
+        met = (value <= target if sense == "max" else value >= target) if measured else None
         rows.append({"section": section, "measure": measure, "target": target, "sense": sense,
-                     "value": value, "ratio": value / target, "met": met})
+                     "value": value, "ratio": value / target if measured else None, "met": met})
     return rows
 
 
