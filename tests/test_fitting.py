@@ -87,14 +87,15 @@ def test_a_second_fit_on_the_same_data_reads_every_selection_from_the_cache(
     table, deep = cohort(seed=3, signal=1.5)
     splits = holdout(table, seed=3)
     kwargs = chain(compose_cfg, memory=fit_memory(tmp_path))
-    original = LassoSelector.fit
+    kwargs["tuning"]["n_jobs"] = 1  # the combined model's fits in this process, to count them
+    original, fit_proba = LassoSelector.fit, fitting_module._fit_proba
     with mock.patch.object(LassoSelector, "fit", autospec=True, side_effect=original) as fit, \
-            mock.patch.object(fitting_module, "out_of_fold", side_effect=out_of_fold) as oof:
+            mock.patch.object(fitting_module, "_fit_proba", side_effect=fit_proba) as oof:
         first = fit_feature_sets(table, {"dlr": deep}, splits, **kwargs)
         # k CV folds + all rows (sweep); per outer fold k inner folds + its fit rows (combined)
         k = kwargs["tuning"]["cv_folds"]
         assert fit.call_count == k + 1 + k * (k + 1)
-        assert crossfit_calls(oof) == k  # the combined model's inner cross-fits
+        assert crossfit_calls(oof) == k * (k + 1)  # the combined model's image-model fits
 
         fit.reset_mock()
         oof.reset_mock()
@@ -116,7 +117,8 @@ def test_a_second_fit_on_the_same_data_reads_every_selection_from_the_cache(
 
 
 def crossfit_calls(oof: mock.Mock) -> int:
-    """Calls of ``out_of_fold`` on an image model (its selection as one cached step)."""
+    """Fits of an image model (its selection as one cached step) by the combined model's
+    cross-fit."""
     return sum(call.args[0].steps[0][0] == "selection" for call in oof.call_args_list)
 
 
@@ -239,3 +241,35 @@ def test_combined_cv_refits_signatures_without_the_fold_it_scores() -> None:
             assert not fit.intersection(rows).size  # never saw the fold it scores
     # The signature (first deep feature carries the signal) reaches the held-out scores.
     assert roc_auc_score(y, oof) > 0.7
+
+
+def test_combined_cv_is_the_same_in_worker_processes_and_as_fold_by_fold_refits() -> None:
+    table, deep = cohort(seed=5, signal=1.0)
+    y = table["label"]
+    radiomics = deep.iloc[:, ::-1].set_axis([f"rad_{j}" for j in range(deep.shape[1])], axis=1)
+    image = {}
+    for name, features in {"dlr": deep, "radiomics": radiomics}.items():
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1))
+        image[signature_column(name)] = (ModelResult(name, "lr", 0.5, 0.5, {}, {}, model),
+                                         features)
+    X = table[["age"]].assign(**dict.fromkeys(image, 0.0))
+    pipe = make_pipeline(StandardScaler(), LogisticRegression())
+    # Reference: each outer fold's signatures by out_of_fold and a refit, one after another.
+    expected = np.empty(len(X))
+    for fit, held in StratifiedKFold(4, shuffle=True, random_state=1).split(X, y):
+        fit_ids, held_ids = X.index[fit], X.index[held]
+        y_fit = y.loc[fit_ids].to_numpy()
+        inner, outer = {}, {}
+        for column, (result, features) in image.items():
+            model = result.model
+            inner[column] = signature(out_of_fold(model, features.loc[fit_ids], y_fit, folds=4,
+                                                  seed=1), clip=0.01)
+            refit = model.fit(features.loc[fit_ids], y_fit)
+            outer[column] = signature(refit.predict_proba(features.loc[held_ids])[:, 1],
+                                      clip=0.01)
+        fitted = pipe.fit(X.loc[fit_ids].assign(**inner), y_fit)
+        expected[held] = fitted.predict_proba(X.loc[held_ids].assign(**outer))[:, 1]
+    for n_jobs in (1, 2):
+        oof = crossfit_out_of_fold(pipe, X, y, image=image, folds=4, seed=1, clip=0.01,
+                                   n_jobs=n_jobs)
+        np.testing.assert_allclose(oof, expected, rtol=0, atol=1e-12)

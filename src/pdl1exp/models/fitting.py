@@ -13,7 +13,7 @@ from typing import Any
 import joblib
 import numpy as np
 import pandas as pd
-from joblib import Memory
+from joblib import Memory, Parallel, delayed
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
@@ -89,7 +89,7 @@ def logistic_model(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.S
                    categorical: Sequence[str], keep: Sequence[str] = (),
                    log: Sequence[str] = (), spline: Sequence[str] = (), folds: int, seed: int,
                    image: Mapping[str, tuple[ModelResult, pd.DataFrame]] | None = None,
-                   memory: Memory | None = None) -> ModelResult:
+                   memory: Memory | None = None, n_jobs: int = 1) -> ModelResult:
     """The clinical (or combined) logistic model, fitted on the training split.
 
     The combined model's CV probabilities cross-fit its signatures inside each CV fold (see
@@ -112,6 +112,7 @@ def logistic_model(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.S
         seed: CV seed.
         image: signature column → (chosen image model, its feature table), for ``combined``.
         memory: a cache of the image models' fitted selections (:func:`crossfit_out_of_fold`).
+        n_jobs: worker processes of the cross-fitted image models (``combined`` only).
     """
     train = splits.index[splits == "train"]
     pipe = clinical_pipeline(clinical, numeric=numeric, categorical=categorical, keep=keep,
@@ -121,7 +122,7 @@ def logistic_model(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.S
         if image:
             oof = crossfit_out_of_fold(pipe, X.loc[train], y.loc[train], image=image,
                                        folds=folds, seed=seed, clip=clinical["signature_clip"],
-                                       memory=memory)
+                                       memory=memory, n_jobs=n_jobs)
         else:
             oof = out_of_fold(pipe, X.loc[train], y.loc[train].to_numpy(), folds=folds,
                               seed=seed)
@@ -136,7 +137,8 @@ def logistic_model(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.S
 
 def crossfit_out_of_fold(pipe: Any, X: pd.DataFrame, y: pd.Series, *,
                          image: Mapping[str, tuple[ModelResult, pd.DataFrame]], folds: int,
-                         seed: int, clip: float, memory: Memory | None = None) -> np.ndarray:
+                         seed: int, clip: float, memory: Memory | None = None,
+                         n_jobs: int = 1) -> np.ndarray:
     """Out-of-fold probabilities of a model on image signatures, cross-fitted per fold.
 
     In each of the ``folds`` stratified folds (the same folds as :func:`out_of_fold`), every
@@ -155,35 +157,64 @@ def crossfit_out_of_fold(pipe: Any, X: pd.DataFrame, y: pd.Series, *,
         memory: a cache of the image models' fitted selections and of the result, keyed by
             the content of the tables, the labels and the models' parameters: a run on the
             same data fits none of them again.
+        n_jobs: worker processes for the image models' fits (-1: one per core); every
+            fold's inner and refitted fits of every signature are spread over them, and the
+            result is the same for any value.
     """
     data = content_key({"X": frame_digest(X), "y": y.tolist(), "image": {
         column: [joblib.hash(clone(model.model)), frame_digest(features)]
         for column, (model, features) in image.items()}})
-    crossfit = check_memory(memory).cache(_crossfit, ignore=["X", "y", "image", "memory"])
+    crossfit = check_memory(memory).cache(_crossfit,
+                                          ignore=["X", "y", "image", "memory", "n_jobs"])
     return crossfit(pipe, X, y, image=image, folds=folds, seed=seed, clip=clip, memory=memory,
-                    data=data)
+                    n_jobs=n_jobs, data=data)
 
 
 def _crossfit(pipe: Any, X: pd.DataFrame, y: pd.Series, *,
               image: Mapping[str, tuple[ModelResult, pd.DataFrame]], folds: int, seed: int,
-              clip: float, memory: Memory | None, data: str) -> np.ndarray:
-    """:func:`crossfit_out_of_fold`'s computation; ``data`` keys its cache entry."""
+              clip: float, memory: Memory | None, n_jobs: int, data: str) -> np.ndarray:
+    """:func:`crossfit_out_of_fold`'s computation; ``data`` keys its cache entry.
+
+    Every image-model fit (per outer fold and signature: one per inner fold, as
+    :func:`~pdl1exp.models.clinical.out_of_fold` would make, and the refit) is one task of a
+    single pool, so that ``n_jobs`` processes stay busy however few the folds.
+    """
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    oof = np.empty(len(X))
-    for fit_rows, held_rows in splitter.split(X, y):
+    outer = list(splitter.split(X, y))
+    tasks, layout = [], []  # layout: per (outer fold, column), its inner splits
+    for fit_rows, held_rows in outer:
         fit_ids, held_ids = X.index[fit_rows], X.index[held_rows]
         y_fit = y.loc[fit_ids].to_numpy()
-        fit_columns, held_columns = {}, {}
-        for column, (model, features) in image.items():
+        inner = list(splitter.split(fit_ids, y_fit))
+        for model, features in image.values():
             pipeline = _selection_cached(clone(model.model), memory)
-            inner = out_of_fold(pipeline, features.loc[fit_ids], y_fit, folds=folds, seed=seed)
-            refit = clone(pipeline).fit(features.loc[fit_ids], y_fit)
-            fit_columns[column] = signature(inner, clip=clip)
-            held_columns[column] = signature(
-                refit.predict_proba(features.loc[held_ids])[:, 1], clip=clip)
-        fitted = clone(pipe).fit(X.loc[fit_ids].assign(**fit_columns), y_fit)
+            fit_features = features.loc[fit_ids]
+            tasks += [delayed(_fit_proba)(pipeline, fit_features.iloc[train], y_fit[train],
+                                          fit_features.iloc[val]) for train, val in inner]
+            tasks.append(delayed(_fit_proba)(pipeline, fit_features, y_fit,
+                                             features.loc[held_ids]))
+            layout.append(inner)
+    probas = iter(Parallel(n_jobs=n_jobs, prefer="processes")(tasks))
+    columns = iter(layout)
+    oof = np.empty(len(X))
+    for fit_rows, held_rows in outer:
+        fit_ids, held_ids = X.index[fit_rows], X.index[held_rows]
+        fit_columns, held_columns = {}, {}
+        for column in image:
+            inner_oof = np.empty(len(fit_ids))
+            for _, val in next(columns):
+                inner_oof[val] = next(probas)
+            fit_columns[column] = signature(inner_oof, clip=clip)
+            held_columns[column] = signature(next(probas), clip=clip)
+        fitted = clone(pipe).fit(X.loc[fit_ids].assign(**fit_columns), y.loc[fit_ids].to_numpy())
         oof[held_rows] = fitted.predict_proba(X.loc[held_ids].assign(**held_columns))[:, 1]
     return oof
+
+
+def _fit_proba(model: Pipeline, X_fit: pd.DataFrame, y_fit: np.ndarray,
+               X_score: pd.DataFrame) -> np.ndarray:
+    """P(y=1) on ``X_score`` of a clone of ``model`` fitted on ``X_fit``, ``y_fit``."""
+    return clone(model).fit(X_fit, y_fit).predict_proba(X_score)[:, 1]
 
 
 def _selection_cached(model: Pipeline, memory: Memory | None) -> Pipeline:
@@ -289,5 +320,5 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
         fitted.models.append(logistic_model(
             "combined", fitted.combined_table, y, splits, centers,
             numeric=[*numeric, *signatures], categorical=categorical, keep=signatures,
-            image=image, memory=memory, **logistic))
+            image=image, memory=memory, n_jobs=tuning["n_jobs"], **logistic))
     return fitted
