@@ -181,40 +181,37 @@ def _crossfit(pipe: Any, X: pd.DataFrame, y: pd.Series, *,
     """
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
     outer = list(splitter.split(X, y))
-    tasks, layout = [], []  # layout: per (outer fold, column), its inner splits
-    for fit_rows, held_rows in outer:
-        fit_ids, held_ids = X.index[fit_rows], X.index[held_rows]
-        y_fit = y.loc[fit_ids].to_numpy()
-        inner = list(splitter.split(fit_ids, y_fit))
-        for model, features in image.values():
-            pipeline = _selection_cached(clone(model.model), memory)
-            fit_features = features.loc[fit_ids]
-            tasks += [delayed(_fit_proba)(pipeline, fit_features.iloc[train], y_fit[train],
-                                          fit_features.iloc[val]) for train, val in inner]
-            tasks.append(delayed(_fit_proba)(pipeline, fit_features, y_fit,
-                                             features.loc[held_ids]))
-            layout.append(inner)
+    labels = y.to_numpy()
+    # Each task names its rows: the tables are not copied per task (joblib memory-maps them
+    # for its worker processes).
+    tables = {column: (_selection_cached(clone(model.model), memory), features.loc[X.index])
+              for column, (model, features) in image.items()}
+    inner = [[(fit_rows[train], fit_rows[val]) for train, val in
+              splitter.split(fit_rows, labels[fit_rows])] for fit_rows, _ in outer]
+    tasks = (delayed(_fit_proba)(pipeline, table, labels, fit, score)
+             for (fit_rows, held_rows), splits in zip(outer, inner, strict=True)
+             for pipeline, table in tables.values()
+             for fit, score in [*splits, (fit_rows, held_rows)])
     probas = iter(Parallel(n_jobs=n_jobs, prefer="processes")(tasks))
-    columns = iter(layout)
     oof = np.empty(len(X))
-    for fit_rows, held_rows in outer:
-        fit_ids, held_ids = X.index[fit_rows], X.index[held_rows]
+    for (fit_rows, held_rows), splits in zip(outer, inner, strict=True):
         fit_columns, held_columns = {}, {}
-        for column in image:
-            inner_oof = np.empty(len(fit_ids))
-            for _, val in next(columns):
-                inner_oof[val] = next(probas)
-            fit_columns[column] = signature(inner_oof, clip=clip)
+        for column in tables:
+            inner_oof = np.empty(len(X))
+            for _, score in splits:
+                inner_oof[score] = next(probas)
+            fit_columns[column] = signature(inner_oof[fit_rows], clip=clip)
             held_columns[column] = signature(next(probas), clip=clip)
-        fitted = clone(pipe).fit(X.loc[fit_ids].assign(**fit_columns), y.loc[fit_ids].to_numpy())
-        oof[held_rows] = fitted.predict_proba(X.loc[held_ids].assign(**held_columns))[:, 1]
+        fitted = clone(pipe).fit(X.iloc[fit_rows].assign(**fit_columns), labels[fit_rows])
+        oof[held_rows] = fitted.predict_proba(X.iloc[held_rows].assign(**held_columns))[:, 1]
     return oof
 
 
-def _fit_proba(model: Pipeline, X_fit: pd.DataFrame, y_fit: np.ndarray,
-               X_score: pd.DataFrame) -> np.ndarray:
-    """P(y=1) on ``X_score`` of a clone of ``model`` fitted on ``X_fit``, ``y_fit``."""
-    return clone(model).fit(X_fit, y_fit).predict_proba(X_score)[:, 1]
+def _fit_proba(model: Pipeline, X: pd.DataFrame, y: np.ndarray, fit: np.ndarray,
+               score: np.ndarray) -> np.ndarray:
+    """P(y=1) on the rows ``score`` of ``X`` of a clone of ``model`` fitted on its rows
+    ``fit`` (positions)."""
+    return clone(model).fit(X.iloc[fit], y[fit]).predict_proba(X.iloc[score])[:, 1]
 
 
 def _selection_cached(model: Pipeline, memory: Memory | None) -> Pipeline:
