@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 from unittest import mock
 
@@ -11,7 +12,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 from scipy.special import expit
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
@@ -90,22 +92,22 @@ def test_a_second_fit_on_the_same_data_reads_every_selection_from_the_cache(
     kwargs["tuning"]["n_jobs"] = 1  # the combined model's fits in this process, to count them
     original, fit_proba = LassoSelector.fit, fitting_module._fit_proba
     with mock.patch.object(LassoSelector, "fit", autospec=True, side_effect=original) as fit, \
-            mock.patch.object(fitting_module, "_fit_proba", side_effect=fit_proba) as oof:
+            mock.patch.object(fitting_module, "_fit_proba", side_effect=fit_proba) as fits:
         first = fit_feature_sets(table, {"dlr": deep}, splits, **kwargs)
         # k CV folds + all rows (sweep); per outer fold k inner folds + its fit rows (combined)
         k = kwargs["tuning"]["cv_folds"]
         assert fit.call_count == k + 1 + k * (k + 1)
-        assert crossfit_calls(oof) == k * (k + 1)  # the combined model's image-model fits
+        assert crossfit_calls(fits) == k * (k + 1)  # the combined model's image-model fits
 
         fit.reset_mock()
-        oof.reset_mock()
+        fits.reset_mock()
         # The same features built another way (as a warm run reads them from a cache): two
         # memory blocks and an object index, which joblib's own hash of a table tells apart.
         warm = pd.concat([deep.iloc[:, :10], deep.iloc[:, 10:]], axis=1)
         warm.index = warm.index.astype(object)
         again = fit_feature_sets(table, {"dlr": warm}, splits, **kwargs)
         assert fit.call_count == 0
-        assert crossfit_calls(oof) == 0  # the combined model's cross-fit is read back whole
+        assert crossfit_calls(fits) == 0  # the combined model's cross-fit is read back whole
     # The final dlr/lr classifier was fitted once, by the first run, and read back since.
     assert len(list(tmp_path.rglob("_fit_classifier/*/output.pkl"))) == 1
     uncached = fit_feature_sets(table, {"dlr": deep}, splits, **chain(compose_cfg))
@@ -116,10 +118,10 @@ def test_a_second_fit_on_the_same_data_reads_every_selection_from_the_cache(
     assert any(tmp_path.rglob("*.pkl"))
 
 
-def crossfit_calls(oof: mock.Mock) -> int:
+def crossfit_calls(fits: mock.Mock) -> int:
     """Fits of an image model (its selection as one cached step) by the combined model's
     cross-fit."""
-    return sum(call.args[0].steps[0][0] == "selection" for call in oof.call_args_list)
+    return sum(call.args[0].steps[0][0] == "selection" for call in fits.call_args_list)
 
 
 def test_stored_trials_are_reused_by_the_same_model_code_only(compose_cfg, tmp_path) -> None:
@@ -245,31 +247,39 @@ def test_combined_cv_refits_signatures_without_the_fold_it_scores() -> None:
 
 def test_combined_cv_is_the_same_in_worker_processes_and_as_fold_by_fold_refits() -> None:
     table, deep = cohort(seed=5, signal=1.0)
-    y = table["label"]
-    radiomics = deep.iloc[:, ::-1].set_axis([f"rad_{j}" for j in range(deep.shape[1])], axis=1)
+    # Two different image models; feature tables of every patient in another order, the
+    # combined model's training rows a subset of them.
+    radiomics = deep.iloc[:, 3:].set_axis([f"rad_{j}" for j in range(deep.shape[1] - 3)],
+                                          axis=1)
     image = {}
-    for name, features in {"dlr": deep, "radiomics": radiomics}.items():
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1))
+    for name, features, classifier in (
+            ("dlr", deep, LogisticRegression(C=0.1)),
+            ("radiomics", radiomics, LogisticRegression(C=1.0, max_iter=1))):  # warns
+        model = make_pipeline(StandardScaler(), classifier)
         image[signature_column(name)] = (ModelResult(name, "lr", 0.5, 0.5, {}, {}, model),
-                                         features)
-    X = table[["age"]].assign(**dict.fromkeys(image, 0.0))
+                                         features.sample(frac=1.0, random_state=0))
+    train = table.index[:72]
+    X, y = table.loc[train, ["age"]].assign(**dict.fromkeys(image, 0.0)), table.loc[train, "label"]
     pipe = make_pipeline(StandardScaler(), LogisticRegression())
     # Reference: each outer fold's signatures by out_of_fold and a refit, one after another.
     expected = np.empty(len(X))
-    for fit, held in StratifiedKFold(4, shuffle=True, random_state=1).split(X, y):
-        fit_ids, held_ids = X.index[fit], X.index[held]
-        y_fit = y.loc[fit_ids].to_numpy()
-        inner, outer = {}, {}
-        for column, (result, features) in image.items():
-            model = result.model
-            inner[column] = signature(out_of_fold(model, features.loc[fit_ids], y_fit, folds=4,
-                                                  seed=1), clip=0.01)
-            refit = model.fit(features.loc[fit_ids], y_fit)
-            outer[column] = signature(refit.predict_proba(features.loc[held_ids])[:, 1],
-                                      clip=0.01)
-        fitted = pipe.fit(X.loc[fit_ids].assign(**inner), y_fit)
-        expected[held] = fitted.predict_proba(X.loc[held_ids].assign(**outer))[:, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for fit, held in StratifiedKFold(4, shuffle=True, random_state=1).split(X, y):
+            fit_ids, held_ids = X.index[fit], X.index[held]
+            y_fit = y.loc[fit_ids].to_numpy()
+            inner, outer = {}, {}
+            for column, (result, features) in image.items():
+                inner[column] = signature(out_of_fold(result.model, features.loc[fit_ids],
+                                                      y_fit, folds=4, seed=1), clip=0.01)
+                refit = clone(result.model).fit(features.loc[fit_ids], y_fit)
+                outer[column] = signature(refit.predict_proba(features.loc[held_ids])[:, 1],
+                                          clip=0.01)
+            fitted = clone(pipe).fit(X.loc[fit_ids].assign(**inner), y_fit)
+            expected[held] = fitted.predict_proba(X.loc[held_ids].assign(**outer))[:, 1]
     for n_jobs in (1, 2):
-        oof = crossfit_out_of_fold(pipe, X, y, image=image, folds=4, seed=1, clip=0.01,
-                                   n_jobs=n_jobs)
+        # A worker process's warnings are raised again in this one.
+        with pytest.warns(ConvergenceWarning):
+            oof = crossfit_out_of_fold(pipe, X, y, image=image, folds=4, seed=1, clip=0.01,
+                                       n_jobs=n_jobs)
         np.testing.assert_allclose(oof, expected, rtol=0, atol=1e-12)

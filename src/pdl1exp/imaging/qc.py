@@ -99,7 +99,8 @@ def qc_figure(image: sitk.Image, mask: sitk.Image, path: str | Path, *,
     box = [slice(max(lo - p, 0), min(hi + p + 1, n)) for lo, hi, p, n in
            zip(points.min(0), points.max(0), pad, tumour.shape, strict=True)]
 
-    # Fixed margins: a layout engine measures every tick label and took 40 % of the time.
+    # Fixed margins, set for the default figure size: a layout engine measures every tick
+    # label and took 40 % of the time.
     fig = Figure(figsize=figsize_in, dpi=dpi)
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.12, top=0.84, wspace=0.25)
     axes = fig.subplots(1, 3)

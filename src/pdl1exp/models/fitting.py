@@ -13,7 +13,7 @@ from typing import Any
 import joblib
 import numpy as np
 import pandas as pd
-from joblib import Memory, Parallel, delayed
+from joblib import Memory, Parallel, delayed, effective_n_jobs
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
@@ -28,6 +28,8 @@ from pdl1exp.models.tuning import (
     TuningResult,
     WorkerDone,
     model_code_key,
+    picklable_warning,
+    replay_warnings,
     select_best,
     study_settings,
     sweep,
@@ -182,8 +184,8 @@ def _crossfit(pipe: Any, X: pd.DataFrame, y: pd.Series, *,
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
     outer = list(splitter.split(X, y))
     labels = y.to_numpy()
-    # Each task names its rows: the tables are not copied per task (joblib memory-maps them
-    # for its worker processes).
+    # Each task names its rows: the tables are not copied per task (joblib memory-maps a
+    # large one for its worker processes).
     tables = {column: (_selection_cached(clone(model.model), memory), features.loc[X.index])
               for column, (model, features) in image.items()}
     inner = [[(fit_rows[train], fit_rows[val]) for train, val in
@@ -192,26 +194,38 @@ def _crossfit(pipe: Any, X: pd.DataFrame, y: pd.Series, *,
              for (fit_rows, held_rows), splits in zip(outer, inner, strict=True)
              for pipeline, table in tables.values()
              for fit, score in [*splits, (fit_rows, held_rows)])
-    probas = iter(Parallel(n_jobs=n_jobs, prefer="processes")(tasks))
+    workers = min(effective_n_jobs(n_jobs), len(outer) * len(tables) * (folds + 1))
+    probas = iter(Parallel(n_jobs=workers, prefer="processes")(tasks))
     oof = np.empty(len(X))
     for (fit_rows, held_rows), splits in zip(outer, inner, strict=True):
         fit_columns, held_columns = {}, {}
         for column in tables:
             inner_oof = np.empty(len(X))
             for _, score in splits:
-                inner_oof[score] = next(probas)
+                inner_oof[score] = _replayed(next(probas))
             fit_columns[column] = signature(inner_oof[fit_rows], clip=clip)
-            held_columns[column] = signature(next(probas), clip=clip)
+            held_columns[column] = signature(_replayed(next(probas)), clip=clip)
         fitted = clone(pipe).fit(X.iloc[fit_rows].assign(**fit_columns), labels[fit_rows])
         oof[held_rows] = fitted.predict_proba(X.iloc[held_rows].assign(**held_columns))[:, 1]
     return oof
 
 
 def _fit_proba(model: Pipeline, X: pd.DataFrame, y: np.ndarray, fit: np.ndarray,
-               score: np.ndarray) -> np.ndarray:
+               score: np.ndarray) -> tuple[np.ndarray, list[warnings.WarningMessage]]:
     """P(y=1) on the rows ``score`` of ``X`` of a clone of ``model`` fitted on its rows
-    ``fit`` (positions)."""
-    return clone(model).fit(X.iloc[fit], y[fit]).predict_proba(X.iloc[score])[:, 1]
+    ``fit`` (positions), and the warnings raised (a worker process's would not reach the
+    caller)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        proba = clone(model).fit(X.iloc[fit], y[fit]).predict_proba(X.iloc[score])[:, 1]
+    return proba, [picklable_warning(warning) for warning in caught]
+
+
+def _replayed(result: tuple[np.ndarray, list[warnings.WarningMessage]]) -> np.ndarray:
+    """A :func:`_fit_proba` result's probabilities, its warnings raised again here."""
+    proba, caught = result
+    replay_warnings(caught)
+    return proba
 
 
 def _selection_cached(model: Pipeline, memory: Memory | None) -> Pipeline:

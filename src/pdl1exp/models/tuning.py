@@ -59,7 +59,9 @@ __all__ = [
     "fit_memory",
     "model_code_key",
     "open_storage",
+    "picklable_warning",
     "prepare_folds",
+    "replay_warnings",
     "select_best",
     "study_settings",
     "sweep",
@@ -82,7 +84,7 @@ _STARTED = time.time()
 
 
 # Settings of how (and where) a sweep runs, not of what it finds: processes that differ in
-# them must share one study. n_jobs only spreads a trial's folds over threads; choice only
+# them must share one study. n_jobs only spreads a trial's folds over processes; choice only
 # reads the finished studies.
 _RUNTIME_SETTINGS = ("storage", "role", "heartbeat_interval", "grace_period", "max_retry",
                      "n_jobs", "choice")
@@ -363,17 +365,18 @@ def _fold_proba(
         warnings.simplefilter("always")
         model = clone(estimator).fit(fold.X_train, fold.y_train)
         proba = model.predict_proba(fold.X_val)[:, 1]
-    return proba, [_picklable(warning) for warning in caught]
+    return proba, [picklable_warning(warning) for warning in caught]
 
 
-def _picklable(warning: warnings.WarningMessage) -> warnings.WarningMessage:
+def picklable_warning(warning: warnings.WarningMessage) -> warnings.WarningMessage:
     """The warning without its source line and file object, which need not pickle."""
     return warnings.WarningMessage(warning.message, warning.category, warning.filename,
                                    warning.lineno)
 
 
-def _replay(caught: Iterable[warnings.WarningMessage]) -> None:
-    """Raise a fold's recorded warnings again here, where the caller's filters apply."""
+def replay_warnings(caught: Iterable[warnings.WarningMessage]) -> None:
+    """Raise warnings recorded in a worker process again here, where the caller's filters
+    apply."""
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename,
                                warning.lineno)
@@ -632,7 +635,7 @@ def _objective(
             for step, (fold, (proba, caught)) in enumerate(
                 zip(selection.folds, probas, strict=True)
             ):
-                _replay(caught)
+                replay_warnings(caught)
                 aucs.append(float(roc_auc_score(fold.y_val, proba)))
                 oof[fold.val_index] = proba
                 trial.report(float(np.mean(aucs)), step)
@@ -664,7 +667,7 @@ def _best_oof(
     oof = np.empty(len(selection.y))
     for fold in selection.folds:
         oof[fold.val_index], caught = _fold_proba(estimator, fold)
-        _replay(caught)
+        replay_warnings(caught)
     return oof
 
 
