@@ -27,8 +27,8 @@ from pdl1exp.models.tuning import (
     CachedFit,
     TuningResult,
     WorkerDone,
+    fit_proba,
     model_code_key,
-    picklable_warning,
     replay_warnings,
     select_best,
     study_settings,
@@ -212,13 +212,9 @@ def _crossfit(pipe: Any, X: pd.DataFrame, y: pd.Series, *,
 
 def _fit_proba(model: Pipeline, X: pd.DataFrame, y: np.ndarray, fit: np.ndarray,
                score: np.ndarray) -> tuple[np.ndarray, list[warnings.WarningMessage]]:
-    """P(y=1) on the rows ``score`` of ``X`` of a clone of ``model`` fitted on its rows
-    ``fit`` (positions), and the warnings raised (a worker process's would not reach the
-    caller)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        proba = clone(model).fit(X.iloc[fit], y[fit]).predict_proba(X.iloc[score])[:, 1]
-    return proba, [picklable_warning(warning) for warning in caught]
+    """:func:`~pdl1exp.models.tuning.fit_proba` on the rows ``fit`` and ``score`` of ``X``
+    (positions), sliced in the worker process."""
+    return fit_proba(model, X.iloc[fit], y[fit], X.iloc[score])
 
 
 def _replayed(result: tuple[np.ndarray, list[warnings.WarningMessage]]) -> np.ndarray:

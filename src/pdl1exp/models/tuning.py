@@ -57,9 +57,9 @@ __all__ = [
     "WorkerDone",
     "fail_dead_trials",
     "fit_memory",
+    "fit_proba",
     "model_code_key",
     "open_storage",
-    "picklable_warning",
     "prepare_folds",
     "replay_warnings",
     "select_best",
@@ -356,19 +356,26 @@ def _counted_convergence_warnings(what: str) -> Iterator[None]:
         )
 
 
+def fit_proba(
+    estimator: Any, X_fit: pd.DataFrame, y_fit: np.ndarray, X_score: pd.DataFrame
+) -> tuple[np.ndarray, list[warnings.WarningMessage]]:
+    """Fit a clone of ``estimator`` on ``X_fit``, ``y_fit``; its P(y=1) on ``X_score``, and
+    the warnings raised (a worker process's would not reach the caller's log: pass them to
+    :func:`replay_warnings`)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        proba = clone(estimator).fit(X_fit, y_fit).predict_proba(X_score)[:, 1]
+    return proba, [_picklable(warning) for warning in caught]
+
+
 def _fold_proba(
     estimator: ClassifierMixin, fold: CVFold
 ) -> tuple[np.ndarray, list[warnings.WarningMessage]]:
-    """Fit a clone on a fold's selected training features; P(y=1) on its validation part,
-    and the warnings raised (a worker process's would not reach the caller's log)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = clone(estimator).fit(fold.X_train, fold.y_train)
-        proba = model.predict_proba(fold.X_val)[:, 1]
-    return proba, [picklable_warning(warning) for warning in caught]
+    """:func:`fit_proba` on a fold's selected training features and its validation part."""
+    return fit_proba(estimator, fold.X_train, fold.y_train, fold.X_val)
 
 
-def picklable_warning(warning: warnings.WarningMessage) -> warnings.WarningMessage:
+def _picklable(warning: warnings.WarningMessage) -> warnings.WarningMessage:
     """The warning without its source line and file object, which need not pickle."""
     return warnings.WarningMessage(warning.message, warning.category, warning.filename,
                                    warning.lineno)
