@@ -13,7 +13,15 @@ from hydra.utils import instantiate
 from sklearn.metrics import roc_auc_score
 
 from pdl1exp.data.manifest import load_cohort
-from pdl1exp.data.phantom import HU, ScanSpec, TumourSpec, render_ct
+from pdl1exp.data.phantom import (
+    HU,
+    ScanSpec,
+    TumourSpec,
+    _grid,
+    _tumour_box,
+    _tumour_shape,
+    render_ct,
+)
 from pdl1exp.hashing import file_digest
 from tests.conftest import TINY
 
@@ -68,6 +76,27 @@ def test_phantom_is_ct_like() -> None:
     assert 0.5 * (4 / 3 * np.pi * 0.7**3) < volume_ml < 2.0 * (4 / 3 * np.pi * 0.7**3)
     index = np.round((np.array(phantom.seed_mm) - phantom.origin) / phantom.spacing).astype(int)
     assert mask[index[2], index[1], index[0]]
+
+
+@pytest.mark.parametrize("spec", [
+    TumourSpec(diameter_mm=30.0, lobulation=0.45, n_spicules=6),  # the widest margin
+    TumourSpec(diameter_mm=20.0, lobulation=0.05, n_spicules=8),  # spicules reach furthest
+    TumourSpec(diameter_mm=24.0, lobulation=0.6, n_spicules=2),   # margin may vanish
+])
+def test_the_tumour_box_holds_every_voxel_of_the_whole_volume_shape(spec: TumourSpec) -> None:
+    x, y, z, _ = _grid(ScanSpec(shape=(64, 64, 40), spacing=(1.0, 1.0, 1.5)))
+    centre = np.array([4.0, -3.0, 2.0], dtype=np.float32)
+    radius = spec.diameter_mm / 2
+    box = _tumour_box(x, y, z, centre, radius, spec)
+    for seed in range(5):
+        region, rho = _tumour_shape(x, y, z, centre, radius, spec, np.random.default_rng(seed))
+        inner, inner_rho = _tumour_shape(x[box], y[box], z[box], centre, radius, spec,
+                                         np.random.default_rng(seed))
+        outside = region.copy()
+        outside[box] = False
+        assert not outside.any()
+        np.testing.assert_array_equal(inner, region[box])
+        np.testing.assert_array_equal(inner_rho, rho[box])
 
 
 def test_bad_generator_parameters(compose_cfg, tmp_path: Path) -> None:
