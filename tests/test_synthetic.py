@@ -18,6 +18,7 @@ from pdl1exp.data.phantom import (
     ScanSpec,
     TumourSpec,
     _grid,
+    _segment_distance,
     _tumour_box,
     _tumour_shape,
     render_ct,
@@ -97,6 +98,21 @@ def test_the_tumour_box_holds_every_voxel_of_the_whole_volume_shape(spec: Tumour
         assert not outside.any()
         np.testing.assert_array_equal(inner, region[box])
         np.testing.assert_array_equal(inner_rho, rho[box])
+
+
+def test_segment_distance_is_exact_up_to_its_reach() -> None:
+    x, y, z, _ = _grid(ScanSpec(shape=(40, 36, 30), spacing=(0.8, 0.8, 1.5)))
+    rng = np.random.default_rng(5)
+    points = np.stack([x, y, z], axis=-1).astype(np.float64)
+    for _ in range(6):
+        a, b = (rng.uniform(-15, 15, 3).astype(np.float32) for _ in range(2))
+        # every voxel's distance to the segment, by projection on the whole volume
+        t = np.clip((points - a) @ (b - a) / float((b - a) @ (b - a)), 0.0, 1.0)
+        exact = np.linalg.norm(points - (a + t[..., None] * (b - a)), axis=-1)
+        distance = _segment_distance(x, y, z, a, b, within=2.0)
+        near = exact <= 2.0
+        np.testing.assert_allclose(distance[near], exact[near], atol=1e-4)
+        assert (distance[~near] > 2.0).all()
 
 
 def test_bad_generator_parameters(compose_cfg, tmp_path: Path) -> None:

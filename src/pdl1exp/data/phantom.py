@@ -150,14 +150,33 @@ def _smooth_field(shape: tuple[int, ...], sigma_mm: float, spacing_zyx: np.ndarr
     return field / max(float(field.std()), 1e-6)
 
 
+def _box(x: np.ndarray, y: np.ndarray, z: np.ndarray, low: np.ndarray,
+         high: np.ndarray) -> tuple[slice, slice, slice]:
+    """The (z, y, x) slices of the voxel centres in the box from ``low`` to ``high`` (x, y, z
+    in mm)."""
+    def span(coordinates: np.ndarray, lo: float, hi: float) -> slice:
+        inside = np.flatnonzero((coordinates >= lo) & (coordinates <= hi))
+        return slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0)
+
+    return (span(z[:, 0, 0], low[2], high[2]), span(y[0, :, 0], low[1], high[1]),
+            span(x[0, 0, :], low[0], high[0]))
+
+
 def _segment_distance(x: np.ndarray, y: np.ndarray, z: np.ndarray,
-                      a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Distance of every voxel centre to the segment from ``a`` to ``b`` (mm)."""
+                      a: np.ndarray, b: np.ndarray, *, within: float) -> np.ndarray:
+    """Distance of every voxel centre to the segment from ``a`` to ``b`` (mm), up to ``within``
+    mm; beyond, inf. Computed in the segment's bounding box widened by ``within`` + 1 mm."""
+    spare = within + 1.0
+    box = _box(x, y, z, np.minimum(a, b) - spare, np.maximum(a, b) + spare)
+    xs, ys, zs = x[box], y[box], z[box]
     ab = b - a
-    t = ((x - a[0]) * ab[0] + (y - a[1]) * ab[1] + (z - a[2]) * ab[2]) / float(ab @ ab)
+    t = ((xs - a[0]) * ab[0] + (ys - a[1]) * ab[1] + (zs - a[2]) * ab[2]) / float(ab @ ab)
     t = np.clip(t, 0.0, 1.0)
-    return np.sqrt((x - a[0] - t * ab[0]) ** 2 + (y - a[1] - t * ab[1]) ** 2
-                   + (z - a[2] - t * ab[2]) ** 2)
+    near = np.sqrt((xs - a[0] - t * ab[0]) ** 2 + (ys - a[1] - t * ab[1]) ** 2
+                   + (zs - a[2] - t * ab[2]) ** 2)
+    distance = np.full(x.shape, np.inf, dtype=near.dtype)
+    distance[box] = near
+    return distance
 
 
 def _ellipse_level(x: np.ndarray, y: np.ndarray, cx: float, cy: float,
@@ -239,7 +258,7 @@ def _tumour_shape(x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: np.ndarra
         v /= np.linalg.norm(v)
         length = radius * rng.uniform(0.4, 0.9)
         spicule = _segment_distance(x, y, z, centre + 0.8 * radius * v,
-                                    centre + (radius + length) * v) < 0.6
+                                    centre + (radius + length) * v, within=0.6) < 0.6
         region |= spicule
     return region, rho
 
@@ -255,13 +274,7 @@ def _tumour_box(x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: np.ndarray,
     if spec.lobulation >= 0.5:
         return slice(None), slice(None), slice(None)
     reach = radius * max(1.0 + 2.0 * spec.lobulation, 1.9) + 2.0
-
-    def span(coordinates: np.ndarray, c: float) -> slice:
-        inside = np.flatnonzero(np.abs(coordinates - c) <= reach)
-        return slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0)
-
-    return (span(z[:, 0, 0], centre[2]), span(y[0, :, 0], centre[1]),
-            span(x[0, 0, :], centre[0]))
+    return _box(x, y, z, centre - reach, centre + reach)
 
 
 def render_ct(scan: ScanSpec, tumour: TumourSpec, rng: np.random.Generator) -> Phantom:
@@ -295,12 +308,12 @@ def render_ct(scan: ScanSpec, tumour: TumourSpec, rng: np.random.Generator) -> P
     for _ in range(scan.n_vessels):
         a = rng.uniform(-half, half).astype(np.float32)
         b = rng.uniform(-half, half).astype(np.float32)
-        vessels |= _segment_distance(x, y, z, a, b) < rng.uniform(0.6, 2.0)
+        vessels |= _segment_distance(x, y, z, a, b, within=2.0) < rng.uniform(0.6, 2.0)
     if tumour.vessel_attached:
         direction = rng.standard_normal(3).astype(np.float32)
         direction /= np.linalg.norm(direction)
         far = centre + direction * (radius + rng.uniform(15.0, 30.0))
-        vessels |= _segment_distance(x, y, z, centre, far) < rng.uniform(1.2, 2.0)
+        vessels |= _segment_distance(x, y, z, centre, far, within=2.0) < rng.uniform(1.2, 2.0)
     vessels &= lung
     ct[vessels] = HU.blood
 
