@@ -12,6 +12,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from pdl1exp.data import images
 from pdl1exp.data.images import ImageReadError, geometry_mismatch, read_image
 
 SPACING = (0.7, 0.8, 2.5)
@@ -102,6 +103,25 @@ def test_truncated_file_is_detected(tmp_path: Path, suffix: str) -> None:
     path.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(ImageReadError, match=path.name):
         read_image(path)
+
+
+def test_a_file_checked_once_is_checked_again_when_it_changes(tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """The completeness check runs once per version of a file: not at every read of the
+    same file, but again after it is rewritten (here truncated in place)."""
+    checked = []
+    check = images._check_nifti_complete
+    monkeypatch.setattr(images, "_check_nifti_complete",
+                        lambda path: (checked.append(path), check(path)))
+    images._nifti_complete.cache_clear()
+    path = _write(tmp_path / "ct.nii.gz", _volume((20, 30, 40)), compress=True)
+    for _ in range(3):
+        read_image(path)
+    assert len(checked) == 1
+    path.write_bytes(path.read_bytes()[:-400])
+    with pytest.raises(ImageReadError, match="truncated or corrupt gzip"):
+        read_image(path)
+    assert len(checked) == 2
 
 
 def test_gzip_with_short_payload_is_detected(tmp_path: Path) -> None:
