@@ -209,6 +209,25 @@ def test_a_claim_being_written_or_alive_is_kept_and_a_dead_one_taken_over_once(
     assert _claim(storage, "s", "auto") == (None, "elsewhere (pid 1)")
 
 
+def test_a_sqlite_store_writes_ahead_and_syncs_at_checkpoints(tmp_path: Path) -> None:
+    """Every connection of a SQLite study store (the heartbeat's too) is in WAL mode with
+    synchronous=NORMAL, and another process sharing the file sees the trials committed."""
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    storage = open_storage(url, sweep_kwargs(None, n_trials=1)["tuning_cfg"])
+    study = optuna.create_study(storage=storage, study_name="s")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
+    connections = [storage.engine.connect() for _ in range(2)]  # two at once: two made
+    for connection in connections:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        connection.close()
+    other = subprocess.run(
+        [sys.executable, "-c", "import optuna; print(len(optuna.load_study(study_name='s', "
+                               f"storage='{url}').trials))"],
+        capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == "3"
+
+
 def test_study_names_hash_what_changes_results_not_how_the_sweep_runs() -> None:
     tuning = sweep_kwargs(None, n_trials=4)["tuning_cfg"]
     runtime = {**tuning, "role": "worker", "storage": "postgresql+psycopg://h/db",

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import socket
+import sqlite3
 import time
 import warnings
 import zlib
@@ -39,7 +40,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted, check_memory
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import make_url
 from tqdm.auto import tqdm
 
@@ -428,7 +429,29 @@ def open_storage(url: str | None, tuning_cfg: Mapping[str, Any]) -> RDBStorage |
     }
     with warnings.catch_warnings(), _schema_lock(url):
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return RDBStorage(url, **options)
+        storage = RDBStorage(url, **options)
+    if make_url(url).get_backend_name() == "sqlite":
+        event.listen(storage.engine, "connect", _sqlite_write_ahead_log)
+        storage.engine.dispose()  # the connections that created the tables, without it
+    return storage
+
+
+def _sqlite_write_ahead_log(connection: Any, _record: Any) -> None:
+    """SQLite in write-ahead-log mode, synced at checkpoints rather than at every commit:
+    a trial commits about a dozen times (parameters, fold reports, attributes), and each
+    commit waited for the disk (20 trials: 205 -> 120 ms of storage per trial, 2 cores).
+    A killed process loses nothing committed; a power cut, at most the last commits, never
+    the database. WAL needs every process on one machine, as SQLite storage does anyway
+    (PostgreSQL for many). A database busy with another process keeps its mode."""
+    cursor = connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        if str(cursor.fetchone()[0]).lower() == "wal":
+            cursor.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.OperationalError:  # locked by another process: its current mode stays
+        pass
+    finally:
+        cursor.close()
 
 
 @contextmanager
