@@ -210,8 +210,8 @@ def test_a_claim_being_written_or_alive_is_kept_and_a_dead_one_taken_over_once(
 
 
 def test_a_sqlite_store_writes_ahead_and_syncs_at_checkpoints(tmp_path: Path) -> None:
-    """Every connection of a SQLite study store (the heartbeat's too) is in WAL mode with
-    synchronous=NORMAL, and another process sharing the file sees the trials committed."""
+    """Every pooled connection of a SQLite study store is in WAL mode with
+    synchronous=NORMAL, and another process reading the file sees the committed trials."""
     url = f"sqlite:///{tmp_path}/optuna.db"
     storage = open_storage(url, sweep_kwargs(None, n_trials=1)["tuning_cfg"])
     study = optuna.create_study(storage=storage, study_name="s")

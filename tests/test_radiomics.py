@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 from omegaconf import OmegaConf
 
+from pdl1exp.features import radiomics
 from pdl1exp.features.radiomics import (
     RADIOMICS_PREFIX,
     extract_radiomics,
@@ -102,6 +103,27 @@ def test_two_level_region_gives_first_order_mean_and_sd(tmp_path: Path, params: 
     assert row["rad_original_firstorder_minimum"] == 0.0
     assert row["rad_original_firstorder_maximum"] == 100.0
     assert not _has_foreign_columns(row.index)
+
+
+def test_columns_in_the_configured_order_and_an_extractor_reused_without_state(
+        tmp_path: Path, params: dict) -> None:
+    """Image types and classes keep the configured order (neither alphabetical), and the
+    extractor shared by a process's patients gives a patient what a fresh one gives."""
+    params = {**params, "imageType": {"Original": {}, "LoG": {"sigma": [2.0]}},
+              "featureClass": {"shape": [], "firstorder": []}}
+    rng = np.random.default_rng(1)
+    rows = [_write(tmp_path, f"p{i}", rng.normal(40, 20 * (i + 1), (SIZE,) * 3),
+                   _sphere(5 + 2 * i)) for i in range(2)]
+    radiomics._extractor.cache_clear()
+    both = extract_radiomics(_rois(*rows), params=params, cache_dir=tmp_path / "both",
+                             n_jobs=1).table
+    order = ("original_shape", "original_firstorder", "log_sigma_2_0_mm_3d_firstorder")
+    groups = [next(g for g in order if c.startswith(RADIOMICS_PREFIX + g)) for c in both.columns]
+    assert list(dict.fromkeys(groups)) == list(order)
+    radiomics._extractor.cache_clear()
+    alone = extract_radiomics(_rois(rows[1]), params=params, cache_dir=tmp_path / "alone",
+                              n_jobs=1).table
+    pd.testing.assert_series_equal(both.loc["p1"], alone.loc["p1"])
 
 
 def _has_foreign_columns(columns: pd.Index) -> bool:

@@ -12,13 +12,14 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from sklearn.metrics import roc_auc_score
 
+from pdl1exp.data import phantom as phantoms
 from pdl1exp.data.manifest import load_cohort
 from pdl1exp.data.phantom import (
     HU,
     ScanSpec,
     TumourSpec,
     _grid,
-    _segment_distance,
+    _near_segment,
     _tumour_box,
     _tumour_shape,
     render_ct,
@@ -79,17 +80,23 @@ def test_phantom_is_ct_like() -> None:
     assert mask[index[2], index[1], index[0]]
 
 
-@pytest.mark.parametrize("spec", [
-    TumourSpec(diameter_mm=30.0, lobulation=0.45, n_spicules=6),  # the widest margin
-    TumourSpec(diameter_mm=20.0, lobulation=0.05, n_spicules=8),  # spicules reach furthest
-    TumourSpec(diameter_mm=24.0, lobulation=0.6, n_spicules=2),   # margin may vanish
-])
+_SPECS = [
+    TumourSpec(diameter_mm=30.0, lobulation=0.45, n_spicules=0),   # the widest margin
+    TumourSpec(diameter_mm=30.0, lobulation=0.05, n_spicules=20),  # spicules reach furthest
+    TumourSpec(diameter_mm=16.0, lobulation=-0.3, n_spicules=1),   # a negative amplitude
+    TumourSpec(diameter_mm=24.0, lobulation=0.6, n_spicules=2),    # margin may vanish
+]
+
+
+@pytest.mark.parametrize("spec", _SPECS)
 def test_the_tumour_box_holds_every_voxel_of_the_whole_volume_shape(spec: TumourSpec) -> None:
-    x, y, z, _ = _grid(ScanSpec(shape=(64, 64, 40), spacing=(1.0, 1.0, 1.5)))
+    x, y, z, _ = _grid(ScanSpec(shape=(96, 96, 60), spacing=(1.0, 1.0, 1.5)))
     centre = np.array([4.0, -3.0, 2.0], dtype=np.float32)
     radius = spec.diameter_mm / 2
     box = _tumour_box(x, y, z, centre, radius, spec)
-    for seed in range(5):
+    if abs(spec.lobulation) < 0.5:  # else the whole volume, by design
+        assert np.zeros(x.shape)[box].size < x.size / 3
+    for seed in range(10):
         region, rho = _tumour_shape(x, y, z, centre, radius, spec, np.random.default_rng(seed))
         inner, inner_rho = _tumour_shape(x[box], y[box], z[box], centre, radius, spec,
                                          np.random.default_rng(seed))
@@ -100,19 +107,35 @@ def test_the_tumour_box_holds_every_voxel_of_the_whole_volume_shape(spec: Tumour
         np.testing.assert_array_equal(inner_rho, rho[box])
 
 
-def test_segment_distance_is_exact_up_to_its_reach() -> None:
+@pytest.mark.parametrize("spec", [*_SPECS[:3], TumourSpec(diameter_mm=22.0, n_spicules=3,
+                                                          vessel_attached=True,
+                                                          location="hilar")])
+def test_a_phantom_computed_in_boxes_is_the_whole_volume_phantom(spec: TumourSpec,
+                                                                  monkeypatch) -> None:
+    """Every box (tumour, vessels, spicules) widened to the whole volume: the same bits."""
+    scan = ScanSpec(shape=(80, 80, 32), spacing=(0.9, 0.9, 1.5))
+    boxed = [render_ct(scan, spec, np.random.default_rng(seed)) for seed in range(3)]
+    monkeypatch.setattr(phantoms, "_box", lambda *_: (slice(None),) * 3)
+    for seed, phantom in enumerate(boxed):
+        whole = render_ct(scan, spec, np.random.default_rng(seed))
+        np.testing.assert_array_equal(phantom.ct, whole.ct)
+        np.testing.assert_array_equal(phantom.mask, whole.mask)
+        assert phantom.seed_mm == whole.seed_mm
+
+
+def test_near_segment_matches_the_distance_by_projection() -> None:
     x, y, z, _ = _grid(ScanSpec(shape=(40, 36, 30), spacing=(0.8, 0.8, 1.5)))
     rng = np.random.default_rng(5)
     points = np.stack([x, y, z], axis=-1).astype(np.float64)
-    for _ in range(6):
+    for radius in (0.6, 1.3, 2.0, 2.0, 3.5, 3.5):
         a, b = (rng.uniform(-15, 15, 3).astype(np.float32) for _ in range(2))
         # every voxel's distance to the segment, by projection on the whole volume
         t = np.clip((points - a) @ (b - a) / float((b - a) @ (b - a)), 0.0, 1.0)
         exact = np.linalg.norm(points - (a + t[..., None] * (b - a)), axis=-1)
-        distance = _segment_distance(x, y, z, a, b, within=2.0)
-        near = exact <= 2.0
-        np.testing.assert_allclose(distance[near], exact[near], atol=1e-4)
-        assert (distance[~near] > 2.0).all()
+        near = _near_segment(x, y, z, a, b, radius)
+        clear = np.abs(exact - radius) > 1e-4  # away from float round-off at the boundary
+        assert near.any()
+        np.testing.assert_array_equal(near[clear], (exact < radius)[clear])
 
 
 def test_bad_generator_parameters(compose_cfg, tmp_path: Path) -> None:

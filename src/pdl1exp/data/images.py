@@ -21,7 +21,6 @@ import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
 from pdl1exp.data.series import choose_series, image_series
-from pdl1exp.memo import stat_signature
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -182,7 +181,8 @@ def read_image(path: str | Path) -> sitk.Image:
             raise ImageReadError(msg)
         try:
             if suffix in (".nii", ".nii.gz"):
-                _nifti_complete(*stat_signature(path.resolve())[0])
+                stat = path.stat()
+                _nifti_complete(str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
             else:
                 _check_header_size(path)
             image = sitk.ReadImage(str(path))

@@ -42,6 +42,9 @@ HU = _Tissue()
 """Nominal attenuation of each tissue in Hounsfield units."""
 
 _LOCATIONS = ("central", "pleural", "mediastinal", "hilar")
+# Spicules: length beyond the margin (fraction of the radius, uniform) and radius (mm).
+_SPICULE_LENGTH = (0.4, 0.9)
+_SPICULE_RADIUS_MM = 0.6
 
 
 @dataclass(frozen=True)
@@ -162,21 +165,20 @@ def _box(x: np.ndarray, y: np.ndarray, z: np.ndarray, low: np.ndarray,
             span(x[0, 0, :], low[0], high[0]))
 
 
-def _segment_distance(x: np.ndarray, y: np.ndarray, z: np.ndarray,
-                      a: np.ndarray, b: np.ndarray, *, within: float) -> np.ndarray:
-    """Distance of every voxel centre to the segment from ``a`` to ``b`` (mm), up to ``within``
-    mm; beyond, inf. Computed in the segment's bounding box widened by ``within`` + 1 mm."""
-    spare = within + 1.0
+def _near_segment(x: np.ndarray, y: np.ndarray, z: np.ndarray, a: np.ndarray, b: np.ndarray,
+                  radius: float) -> np.ndarray:
+    """Voxels whose centre lies closer than ``radius`` mm to the segment from ``a`` to ``b``,
+    measured in the segment's bounding box widened by ``radius`` + 1 mm only."""
+    spare = radius + 1.0
     box = _box(x, y, z, np.minimum(a, b) - spare, np.maximum(a, b) + spare)
     xs, ys, zs = x[box], y[box], z[box]
     ab = b - a
     t = ((xs - a[0]) * ab[0] + (ys - a[1]) * ab[1] + (zs - a[2]) * ab[2]) / float(ab @ ab)
     t = np.clip(t, 0.0, 1.0)
-    near = np.sqrt((xs - a[0] - t * ab[0]) ** 2 + (ys - a[1] - t * ab[1]) ** 2
-                   + (zs - a[2] - t * ab[2]) ** 2)
-    distance = np.full(x.shape, np.inf, dtype=near.dtype)
-    distance[box] = near
-    return distance
+    near = np.zeros(x.shape, dtype=bool)
+    near[box] = np.sqrt((xs - a[0] - t * ab[0]) ** 2 + (ys - a[1] - t * ab[1]) ** 2
+                        + (zs - a[2] - t * ab[2]) ** 2) < radius
+    return near
 
 
 def _ellipse_level(x: np.ndarray, y: np.ndarray, cx: float, cy: float,
@@ -256,10 +258,9 @@ def _tumour_shape(x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: np.ndarra
     for _ in range(spec.n_spicules):
         v = rng.standard_normal(3)
         v /= np.linalg.norm(v)
-        length = radius * rng.uniform(0.4, 0.9)
-        spicule = _segment_distance(x, y, z, centre + 0.8 * radius * v,
-                                    centre + (radius + length) * v, within=0.6) < 0.6
-        region |= spicule
+        length = radius * rng.uniform(*_SPICULE_LENGTH)
+        region |= _near_segment(x, y, z, centre + 0.8 * radius * v,
+                                centre + (radius + length) * v, _SPICULE_RADIUS_MM)
     return region, rho
 
 
@@ -267,14 +268,18 @@ def _tumour_box(x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: np.ndarray,
                 radius: float, spec: TumourSpec) -> tuple[slice, slice, slice]:
     """The (z, y, x) slices of every voxel :func:`_tumour_shape` can place in the tumour.
 
-    The lobulated margin reaches at most ``radius * (1 + 2 * lobulation)`` from the centre
-    (four cosine terms of amplitude ``lobulation / 2``), a spicule ``1.9 * radius + 0.6`` mm;
-    2 mm spare. From a lobulation of 0.5 the margin can vanish: the whole volume then.
+    The lobulated margin reaches at most ``radius * (1 + 2 |lobulation|)`` from the centre
+    (four cosine terms of amplitude ``lobulation / 2``), a spicule ``radius`` times 1 + its
+    longest length plus its own radius; 2 mm spare. From a lobulation of 0.5 the margin can
+    vanish: the whole volume then.
     """
-    if spec.lobulation >= 0.5:
+    lobulation = abs(spec.lobulation)
+    if lobulation >= 0.5:
         return slice(None), slice(None), slice(None)
-    reach = radius * max(1.0 + 2.0 * spec.lobulation, 1.9) + 2.0
-    return _box(x, y, z, centre - reach, centre + reach)
+    reach = radius * (1.0 + 2.0 * lobulation)
+    if spec.n_spicules:
+        reach = max(reach, radius * (1.0 + _SPICULE_LENGTH[1]) + _SPICULE_RADIUS_MM)
+    return _box(x, y, z, centre - reach - 2.0, centre + reach + 2.0)
 
 
 def render_ct(scan: ScanSpec, tumour: TumourSpec, rng: np.random.Generator) -> Phantom:
@@ -308,12 +313,12 @@ def render_ct(scan: ScanSpec, tumour: TumourSpec, rng: np.random.Generator) -> P
     for _ in range(scan.n_vessels):
         a = rng.uniform(-half, half).astype(np.float32)
         b = rng.uniform(-half, half).astype(np.float32)
-        vessels |= _segment_distance(x, y, z, a, b, within=2.0) < rng.uniform(0.6, 2.0)
+        vessels |= _near_segment(x, y, z, a, b, rng.uniform(0.6, 2.0))
     if tumour.vessel_attached:
         direction = rng.standard_normal(3).astype(np.float32)
         direction /= np.linalg.norm(direction)
         far = centre + direction * (radius + rng.uniform(15.0, 30.0))
-        vessels |= _segment_distance(x, y, z, centre, far, within=2.0) < rng.uniform(1.2, 2.0)
+        vessels |= _near_segment(x, y, z, centre, far, rng.uniform(1.2, 2.0))
     vessels &= lung
     ct[vessels] = HU.blood
 

@@ -390,11 +390,18 @@ def replay_warnings(caught: Iterable[warnings.WarningMessage]) -> None:
                                warning.lineno)
 
 
-def _ensure_sqlite_folder(url: str) -> None:
-    """Create the folder of a ``sqlite:///path`` file; SQLite will not."""
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URL; None for another backend or memory."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        return Path(parsed.database)
+    return None
+
+
+def _ensure_sqlite_folder(url: str) -> None:
+    """Create the folder of a ``sqlite:///path`` file; SQLite will not."""
+    if (path := _sqlite_file(url)) is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _retry(tuning_cfg: Mapping[str, Any]) -> RetryHeartbeatStaleTrialCallback:
@@ -430,9 +437,9 @@ def open_storage(url: str | None, tuning_cfg: Mapping[str, Any]) -> RDBStorage |
     with warnings.catch_warnings(), _schema_lock(url):
         warnings.simplefilter("ignore", ExperimentalWarning)
         storage = RDBStorage(url, **options)
-    if make_url(url).get_backend_name() == "sqlite":
+    if _sqlite_file(url) is not None:
         event.listen(storage.engine, "connect", _sqlite_write_ahead_log)
-        storage.engine.dispose()  # the connections that created the tables, without it
+        storage.engine.dispose()  # drop the pooled connections made before the listener
     return storage
 
 
