@@ -122,6 +122,37 @@ def test_peak_rss_sees_a_child_process(tmp_path: Path) -> None:
     assert max(mb for _, mb in memory["samples"]) == memory["peak_mb"]
 
 
+def test_peak_rss_reads_pss_at_its_own_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RSS is sampled every period, the costly PSS only every ``pss_period_s``."""
+    import psutil
+
+    calls = {"rss": 0, "pss": 0}
+    memory_info, memory_full_info = psutil.Process.memory_info, psutil.Process.memory_full_info
+
+    def counted(kind, method):
+        def wrapper(self):
+            calls[kind] += 1
+            return method(self)
+        return wrapper
+
+    monkeypatch.setattr(psutil.Process, "memory_info", counted("rss", memory_info))
+    monkeypatch.setattr(psutil.Process, "memory_full_info", counted("pss", memory_full_info))
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a process without children: one process read per sample
+        with bench_e2e.peak_rss(child.pid, period_s=0.02, pss_period_s=60.0) as memory:
+            for _ in range(MAX_POLLS):
+                if len(memory["samples"]) >= 5:
+                    break
+                time.sleep(0.02)
+    finally:
+        child.kill()
+        child.wait()
+    assert len(memory["samples"]) >= 5
+    assert calls["pss"] == 1  # the first sample only
+    assert calls["rss"] >= 4
+    assert 0 < memory["peak_pss_mb"] <= memory["peak_mb"]
+
+
 def test_exponents_are_log_log_slopes() -> None:
     result = bench_scaling.exponents([10, 100, 1000], {
         "linear": [0.1, 1.0, 10.0], "flat": [2.0, 2.0, 2.0], "square": [0.1, 10.0, 1000.0],

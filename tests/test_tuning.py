@@ -324,6 +324,21 @@ def test_pruned_trials_do_not_count_toward_the_budget():
     assert len(result.trials) == 6 + result.n_pruned
 
 
+@pytest.mark.parametrize("pruner", ["NopPruner", "MedianPruner"])
+def test_folds_are_reported_to_a_pruner_only(tmp_path, pruner):
+    """Each fold's running mean is stored (a commit) only when a pruner can act on it."""
+    X, y = table(seed=7, n=80, p=20, n_planted=2)
+    cfg = model_cfg("lr", "none", n_trials=3, cv_folds=4, n_jobs=1)
+    cfg["tuning"]["pruner"] = {"_target_": f"optuna.pruners.{pruner}"}
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    result = tune(X, y, cfg, storage=storage, study_name="reports")
+    trials = optuna.load_study(study_name="reports", storage=storage).trials
+    reported = [len(trial.intermediate_values) for trial in trials]
+    assert reported == ([0] * 3 if pruner == "NopPruner" else [4] * 3)
+    assert [len(trial.user_attrs["fold_aucs"]) for trial in trials] == [4] * 3
+    assert result.cv_auc == pytest.approx(max(trial.value for trial in trials))
+
+
 def two_classifier_search() -> dict[str, Any]:
     """Keyword arguments of a small lr + knn search (3 folds, 3 trials each)."""
     cfg = model_cfg("[lr,knn]", "none", n_trials=3, cv_folds=3)
