@@ -4,12 +4,12 @@
 those sections and keeps the others of an existing report (listed under ``machine`` as from
 an earlier run). ``--quick`` (what
 ``make bench BENCH_QUICK=1`` passes) keeps the scaling to 100, 240 and the e2e 352-patient
-cold run (no 1000/3000). Each cold run is dominated by the sweep (5-6 min on 2 cores
-whatever the cohort size), so the quick subset takes 35-38 min there
-(experiments/BENCHMARKS.md). The full run adds ``paper`` (cold and warm
-``+experiment=paper``, 16 min there) and scales to 1000 and 3000 patients: 100, 352, 1000 and
-3000 at the smaller volumes and 4 trials per classifier (its ``overrides`` and ``volumes`` say
-so; 78 min there).
+cold run (no 1000/3000). Each cold run is dominated by the sweep (3-6 min on 2 cores
+whatever the cohort size, by machine), so the quick subset takes 24-38 min on 2-core
+machines (24 min on that of experiments/BENCHMARKS.md). The full run adds ``paper`` (cold and
+warm ``+experiment=paper``, 11-16 min) and scales to 1000 and 3000 patients: 100, 352, 1000
+and 3000 at the smaller volumes and 4 trials per classifier (its ``overrides`` and
+``volumes`` say so; 78 min on a slower machine).
 """
 
 from __future__ import annotations

@@ -49,9 +49,9 @@ STAGES: tuple[tuple[str, str, str], ...] = (
     ("pdl1exp.pipeline", "log_selected_model", "model_logging"),
 )
 RSS_POLL_S = 0.2  # sampling period of the process tree's resident memory
-# PSS reads /proc/<pid>/smaps_rollup, which walks the page tables: 25 ms for a 2.5 GB
-# process (RSS from statm: 0.02 ms). Read every 0.2 s, it took 15-17 % of a core from the
-# 2-core run it measured; every 2 s, a tenth of that.
+# PSS reads /proc/<pid>/smaps_rollup, which walks the page tables: 3-30 ms per read of the
+# run's process tree, by its size (RSS from statm: 0.02 ms per process). Read every 0.2 s,
+# it took 15-17 % of a core from the 2-core run it measured; every 2 s, a tenth of that.
 PSS_POLL_S = 2.0
 
 

@@ -652,9 +652,9 @@ def _objective(
 ):
     """Mean validation AUC over the folds, reported fold by fold to the pruner (``prune``).
 
-    Without a pruner (``prune=False``, Optuna's ``NopPruner``) nothing is reported: a report
-    is one storage commit, a fifth of a fast trial's storage time on SQLite, and no one reads
-    it (the trial keeps its fold AUCs as ``fold_aucs``).
+    Without a pruner (``prune=False``, Optuna's ``NopPruner``) nothing is reported: each
+    report is a storage commit (a 5-fold trial's five: about a quarter of a fast trial's
+    storage time on SQLite), and no one reads them (the trial keeps ``fold_aucs``).
 
     The folds are fitted in up to ``n_jobs`` worker processes (-1: one per core, at most one
     per fold) and reported in their order, so the trial (and the sweep) is the same whatever
