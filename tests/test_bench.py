@@ -271,6 +271,9 @@ def test_backbone_bench_has_the_contract_keys_on_tiny_inputs(
         overrides=("backbone.batch_size=2", "backbone.input_size=[32,32]"),
         overrides_3d=("backbone.batch_size=1", "backbone.input_size=[16,16,16]"))
     assert result["bf16_supported"] is bf16
+    # as many timed batches as the peak's timings per size, however few images were asked for
+    assert result["images_timed"] == 2 * bench_backbone.MIN_TIMED_BATCHES
+    assert result["fmcib_3d_images_timed"] == bench_backbone.MIN_TIMED_BATCHES
     for prefix in ("", "fmcib_3d_"):
         assert result[f"{prefix}fp32_rois_per_s"] > 0
         assert result[f"{prefix}fp32_fraction_of_peak"] > 0
