@@ -14,6 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
+import psutil
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -124,8 +125,6 @@ def test_peak_rss_sees_a_child_process(tmp_path: Path) -> None:
 
 def test_peak_rss_reads_pss_at_its_own_period(monkeypatch: pytest.MonkeyPatch) -> None:
     """RSS is sampled every period, the costly PSS only every ``pss_period_s``."""
-    import psutil
-
     calls = {"rss": 0, "pss": 0}
     memory_info, memory_full_info = psutil.Process.memory_info, psutil.Process.memory_full_info
 

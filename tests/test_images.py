@@ -156,3 +156,16 @@ def test_geometry_mismatch_names_the_field() -> None:
     assert "origin" in geometry_mismatch(a, b, tolerance_mm=1e-3)
     c = sitk.Image(4, 4, 5, sitk.sitkUInt8)
     assert "size" in geometry_mismatch(a, c, tolerance_mm=1e-3)
+
+
+def test_a_file_removed_while_read_is_one_clear_error(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file gone between the existence check and its reading: the reader's error, naming it."""
+    path = _write(tmp_path / "gone.nii.gz", _volume(), compress=True)
+
+    def removed(*_args) -> None:
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(images, "_nifti_complete", removed)
+    with pytest.raises(ImageReadError, match=r"gone\.nii\.gz: unreadable or truncated image"):
+        read_image(path)

@@ -186,7 +186,7 @@ def read_image(path: str | Path) -> sitk.Image:
             else:
                 _check_header_size(path)
             image = sitk.ReadImage(str(path))
-        except RuntimeError as err:
+        except (RuntimeError, OSError) as err:  # OSError: e.g. removed since exists()
             msg = f"{path}: unreadable or truncated image ({str(err).splitlines()[-1][:200]})"
             raise ImageReadError(msg) from err
     if image.GetDimension() != 3:
