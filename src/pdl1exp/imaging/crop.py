@@ -31,7 +31,7 @@ from monai.transforms import MapTransform
 from monai.utils import look_up_option
 from scipy import ndimage
 
-__all__ = ["ROI_MODES", "TumourROId"]
+__all__ = ["ROI_MODES", "TumourROId", "seed_voxel"]
 
 ROI_MODES = ("2d", "2.5d_adjacent", "2.5d_orthogonal", "3d", "seed_patch_3d")
 _VOLUME_MODES = ("3d", "seed_patch_3d")
@@ -39,6 +39,12 @@ _CROPS = ("context", "masked")
 _LAYOUTS = ("xyz", "zyx")
 # MONAI affines map voxels to RAS world mm; manifest seeds are ITK/LPS.
 _LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
+
+
+def seed_voxel(seed_mm: Sequence[float], affine: np.ndarray) -> np.ndarray:
+    """The (fractional) voxel index of a manifest seed (LPS world mm) under a RAS ``affine``."""
+    ras = np.append(np.asarray(seed_mm, dtype=float) * _LPS_TO_RAS, 1.0)
+    return (np.linalg.inv(affine) @ ras)[:3]
 
 
 def _padded_box(volume: torch.Tensor, lo: Sequence[int], hi: Sequence[int],
@@ -140,11 +146,35 @@ class TumourROId(MapTransform):
                 raise ValueError(msg)
             centre = np.argwhere(mask).mean(axis=0)
         else:
-            ras = np.append(np.asarray(seed_mm, dtype=float) * _LPS_TO_RAS, 1.0)
-            centre = (np.linalg.inv(affine) @ ras)[:3]
+            centre = seed_voxel(seed_mm, affine)
         lo = [int(np.floor(c)) - n // 2 for c, n in zip(centre, self.size, strict=True)]
         hi = [low + n for low, n in zip(lo, self.size, strict=True)]
         return _padded_box(image, lo, hi, (0, 1, 2), None)
+
+    def support(self, lo: np.ndarray, hi: np.ndarray, spacing: np.ndarray,
+                seed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The voxel box (inclusive bounds) that the crop may read, for a tumour mask lying
+        within voxels ``lo`` to ``hi`` (inclusive) of a volume of voxel size ``spacing`` mm and
+        the seed's voxel ``seed`` (None: no seed).
+
+        :class:`~pdl1exp.imaging.preprocess.ROISpacingd` resamples only this box: the crop is
+        then the same as from the whole resampled volume. Bounds wider than the mask's true
+        box widen the result.
+        """
+        lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
+        spacing = np.asarray(spacing, dtype=float)
+        if self.mode == "seed_patch_3d":  # the cube around the seed, else the mask's centroid
+            first, last = (lo, hi) if seed is None else (seed, seed)
+            half = np.asarray(self.size, dtype=float) / 2 + 1
+            return first - half, last + half
+        extent_mm = (hi - lo + 1) * spacing
+        side_mm = float(extent_mm.max() if self.mode == "3d" else extent_mm[:2].max())
+        half = max(side_mm / 2 + self.margin_mm, (self.fov_mm or 0.0) / 2) / spacing + 1
+        if self.mode in ("2d", "2.5d_adjacent"):  # axial planes within the mask's slices
+            half[2] = max(1, round(self.adjacent_mm / spacing[2]))
+        if self.crop == "masked":  # the dilation's box (``_dilated``)
+            half = np.maximum(half, np.ceil(self.mask_dilation_mm / spacing) + 1)
+        return lo - half, hi + half
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
