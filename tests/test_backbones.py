@@ -95,3 +95,42 @@ def test_fmcib_trunk_is_monais_resnet50_with_fmcibs_hyper_parameters():
     assert ours.conv1.stride == (2, 2, 2)
     with pytest.raises(ValueError, match="fmcib_resnet50 exists only with spatial_dims"):
         build_backbone(name="fmcib_resnet50", spatial_dims=2, in_channels=1)
+
+
+@pytest.mark.parametrize(
+    ("name", "spatial_dims", "multi_stage", "in_channels", "left"),
+    [
+        ("resnet50", 2, False, 3, 0),
+        ("resnet50", 2, True, 3, 0),
+        ("resnet18", 3, False, 3, 0),
+        ("fmcib_resnet50", 3, False, 1, 0),
+        ("densenet121", 2, False, 3, 62),  # pre-activation norms precede their convolutions
+    ],
+)
+def test_folded_batch_norms_give_the_same_features(name, spatial_dims, multi_stage,
+                                                   in_channels, left):
+    from pdl1exp.features.extractor import DeepFeatureExtractor
+
+    torch.manual_seed(0)
+    net = build_backbone(name=name, spatial_dims=spatial_dims, in_channels=in_channels,
+                         multi_stage=multi_stage)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:  # trained-looking statistics, so that folding has work to do
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.data.uniform_(0.5, 1.5)
+        norm.bias.data.uniform_(-0.2, 0.2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    kwargs = {"mean": [0.5] * in_channels, "std": [0.25] * in_channels}
+    plain = DeepFeatureExtractor(net, **kwargs)
+    folded = DeepFeatureExtractor(net, fold_batch_norm=True, **kwargs)
+    remaining = [m for m in folded.backbone.modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(remaining) == left < len(norms)
+    x = torch.rand(2, in_channels, *([32 if spatial_dims == 2 else 24] * spatial_dims))
+    with torch.inference_mode():
+        a, b = plain(x), folded(x)
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99999
+    assert not torch.equal(a, b) or left == len(norms)
+    # the caller's network is untouched: still its norms, still its weights
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

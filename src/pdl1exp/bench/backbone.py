@@ -116,7 +116,8 @@ def _extractor(cfg: DictConfig, *, dtype: torch.dtype, compiled: bool) -> DeepFe
                          multi_stage=bb.multi_stage)
     channels = cfg.roi.channels
     module = DeepFeatureExtractor(net, mean=[0.5] * channels, std=[0.25] * channels,
-                                  channels_last=bb.channels_last, compile_backbone=compiled)
+                                  channels_last=bb.channels_last, compile_backbone=compiled,
+                                  fold_batch_norm=bb.fold_batch_norm)
     module = module.to(dtype).eval()
     module.on_predict_start()
     return module

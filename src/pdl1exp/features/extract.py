@@ -213,7 +213,8 @@ def _embed(net: torch.nn.Module, items: list[dict[str, Any]], transform: Compose
     """Embeddings of ``items`` by ``net`` (Lightning predict), one row per patient."""
     module = DeepFeatureExtractor(net, mean=mean, std=std,
                                   channels_last=backbone.channels_last, tta_views=tta_views,
-                                  compile_backbone=bool(backbone.get("compile", False)))
+                                  compile_backbone=bool(backbone.get("compile", False)),
+                                  fold_batch_norm=bool(backbone.get("fold_batch_norm", False)))
     data = ROIDataModule(items, transform, batch_size=backbone.batch_size,
                          num_workers=loader_workers(backbone.num_workers))
     progress = PatientProgress(len(items))

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from monai.data import Dataset
 from pytorch_lightning.callbacks import BasePredictionWriter
+from torch.fx.experimental.optimization import fuse
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -93,6 +94,11 @@ class DeepFeatureExtractor(pl.LightningModule):
             one-off compile (tens of seconds on 2 CPU cores) for faster batches, so it only
             helps cohorts large enough to amortise it; features match the eager ones to
             rounding.
+        fold_batch_norm: predict with a copy of the backbone whose eval-mode batch norms are
+            folded into the convolutions before them (``torch.fx``; in fp32, before any
+            precision conversion): ResNet50 5-13 % more ROIs/s on CPU (the unfused norms took
+            16 % of its time), features within cosine 0.9999998 of the unfolded network's.
+            For inference only: the copy has no ``layer4`` to hook and no norms to train.
 
     The fast CPU path is Lightning's ``precision="bf16-true"``: weights, buffers and inputs
     in bf16, with no per-layer autocast casts (``bf16-mixed``); ``forward`` returns fp32.
@@ -100,9 +106,10 @@ class DeepFeatureExtractor(pl.LightningModule):
 
     def __init__(self, backbone: torch.nn.Module, *, mean: Sequence[float],
                  std: Sequence[float], channels_last: bool = True, tta_views: int = 1,
-                 compile_backbone: bool = False) -> None:
+                 compile_backbone: bool = False, fold_batch_norm: bool = False) -> None:
         super().__init__()
-        self.backbone = backbone.eval()
+        backbone = backbone.eval()
+        self.backbone = fuse(backbone) if fold_batch_norm else backbone
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
         self.channels_last = channels_last
