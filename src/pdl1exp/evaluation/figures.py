@@ -14,6 +14,7 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 from sklearn.metrics import roc_curve
@@ -309,8 +310,12 @@ def lasso_path_figure(
     path = Path(path)
     with _figure(path, size=_LASSO_IN, dpi=dpi) as fig:
         paths_ax, cv_ax = fig.subplots(1, 2)
-        for j in np.flatnonzero(at_chosen == 0):
-            paths_ax.plot(log_lam, coefs[:, j], lw=0.6, color=_MUTED, alpha=0.6)
+        # The discarded features' paths (thousands of deep features) as one collection: the
+        # same grey lines as one plot() each, drawn in a fraction of the time.
+        paths_ax.add_collection(LineCollection(
+            [np.column_stack([log_lam, coefs[:, j]]) for j in np.flatnonzero(at_chosen == 0)],
+            linewidths=0.6, colors=_MUTED, alpha=0.6))
+        paths_ax.autoscale_view()
         # Selected but unlabelled paths stay dark grey so every colour names one feature.
         for j in np.setdiff1d(selected, labelled):
             paths_ax.plot(log_lam, coefs[:, j], lw=1.0, color="0.4")
