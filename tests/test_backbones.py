@@ -124,6 +124,7 @@ def test_folded_batch_norms_give_the_same_features(name, spatial_dims, multi_sta
     kwargs = {"mean": [0.5] * in_channels, "std": [0.25] * in_channels}
     plain = DeepFeatureExtractor(net, **kwargs)
     folded = DeepFeatureExtractor(net, fold_batch_norm=True, **kwargs)
+    folded.on_predict_start()
     remaining = [m for m in folded.backbone.modules()
                  if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert len(remaining) == left < len(norms)

@@ -231,16 +231,23 @@ def test_no_training_patient_is_embedded_by_a_network_that_saw_its_label(
             super().__init__(encoder, **kwargs)
 
     predict_step = DeepFeatureExtractor.predict_step
+    predict_start = DeepFeatureExtractor.on_predict_start
+    network: dict[int, int] = {}  # id(extractor) -> id(the network it was given)
+
+    def spy_start(self):  # before the batch norms are folded into a copy
+        network[id(self)] = id(self.backbone)
+        predict_start(self)
 
     def spy_predict(self, batch, batch_idx):
         out = predict_step(self, batch, batch_idx)
         for pid, row in zip(out["patient_id"], out["features"].numpy(), strict=True):
-            embedded.setdefault(pid, []).append((id(self.backbone), row))
+            embedded.setdefault(pid, []).append((network[id(self)], row))
         return out
 
     monkeypatch.setattr(finetune_module, "FineTuneDataModule", SpyData)
     monkeypatch.setattr(finetune_module, "FineTuneModule", SpyModule)
     monkeypatch.setattr(DeepFeatureExtractor, "predict_step", spy_predict)
+    monkeypatch.setattr(DeepFeatureExtractor, "on_predict_start", spy_start)
     result = _extract(compose_cfg(*TUNE), rois, tmp_path, train_labels=train_labels, folds=folds)
 
     train = set(train_labels.index)
