@@ -35,10 +35,12 @@ class ROISpacingd(MapTransform):
     The output grid is ``Spacingd``'s (its affine and shape); of it, only the
     box that ``roi`` may read (:meth:`~pdl1exp.imaging.crop.TumourROId.support`, around the
     mask's voxels mapped from the input grid, and the seed) is resampled, both volumes on the
-    image's grid. The crop is then the one of the whole resampled volume, to float rounding,
-    for a fraction of the resampling: the whole grid took 2/3 of the chain's time on the
-    embedded cohort's small volumes, and grows with the scan, not the tumour. A mask with no
-    voxel and no seed resamples the whole grid (the crop then names the problem).
+    image's grid. The crop is then the one of the whole resampled volume, for a fraction of
+    the resampling: the whole grid took 2/3 of the chain's time on the embedded cohort's small
+    volumes, and grows with the scan, not the tumour. The sampling positions are the same up
+    to rounding, which can break a nearest-neighbour tie of the mask (a position halfway
+    between two input voxels) the other way. A mask with no voxel and no seed resamples the
+    whole grid (the crop then names the problem).
 
     Args:
         keys: the image key and the mask key, in that order.
@@ -55,7 +57,8 @@ class ROISpacingd(MapTransform):
 
     def _box(self, mask: torch.Tensor, native: np.ndarray, grid: np.ndarray,
              shape: np.ndarray, seed_mm: Sequence[float] | None) -> tuple[np.ndarray, ...]:
-        """Start and stop (exclusive) of the output voxels the crop may read."""
+        """Start and stop (exclusive) of the output voxels the crop may read (``native``:
+        the mask's affine; ``grid``, ``shape``: the whole output grid's)."""
         voxels = np.argwhere(np.asarray(mask[0]) > 0)
         seed = None if seed_mm is None else seed_voxel(seed_mm, grid)
         if len(voxels) == 0 and seed is None:
@@ -87,7 +90,8 @@ class ROISpacingd(MapTransform):
                                              spacing.scale_extent)
         grid[:3, 3] = offset[:3]
         shape = np.asarray(shape, dtype=int)
-        start, stop = self._box(d[mask_key], native, grid, shape, d.get(self.roi.seed_key))
+        start, stop = self._box(d[mask_key], np.asarray(d[mask_key].affine, dtype=float), grid,
+                                shape, d.get(self.roi.seed_key))
         box = grid.copy()
         box[:3, 3] = grid[:3, :3] @ start + grid[:3, 3]
         for key, mode, padding, corners, dtype in self.key_iterator(
