@@ -128,7 +128,7 @@ class TumourROId(MapTransform):
     def _dilated(self, mask: np.ndarray, lo: np.ndarray, hi: np.ndarray,
                  spacing: np.ndarray) -> np.ndarray:
         """The mask dilated by ``mask_dilation_mm``, computed on the tumour's box only."""
-        pad = np.ceil(self.mask_dilation_mm / spacing).astype(int) + 1
+        pad = self._dilation_pad(spacing).astype(int)
         start = np.maximum(lo - pad, 0)
         stop = np.minimum(hi + pad + 1, mask.shape)
         box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
@@ -167,14 +167,24 @@ class TumourROId(MapTransform):
             first, last = (lo, hi) if seed is None else (seed, seed)
             half = np.asarray(self.size, dtype=float) / 2 + 1
             return first - half, last + half
-        extent_mm = (hi - lo + 1) * spacing
-        side_mm = float(extent_mm.max() if self.mode == "3d" else extent_mm[:2].max())
-        half = max(side_mm / 2 + self.margin_mm, (self.fov_mm or 0.0) / 2) / spacing + 1
+        half = self._half_mm((hi - lo + 1) * spacing) / spacing + 1
         if self.mode in ("2d", "2.5d_adjacent"):  # axial planes within the mask's slices
             half[2] = max(1, round(self.adjacent_mm / spacing[2]))
         if self.crop == "masked":  # the dilation's box (``_dilated``)
-            half = np.maximum(half, np.ceil(self.mask_dilation_mm / spacing) + 1)
+            half = np.maximum(half, self._dilation_pad(spacing))
         return lo - half, hi + half
+
+    def _half_mm(self, extent_mm: np.ndarray) -> float:
+        """Half the crop's side (mm) for a tumour of extent ``extent_mm`` (x, y, z)."""
+        side_mm = float(extent_mm.max() if self.mode == "3d" else extent_mm[:2].max())
+        half_mm = side_mm / 2 + self.margin_mm
+        if self.fov_mm:  # fixed physical scale, widened only for a tumour that would not fit
+            half_mm = max(self.fov_mm / 2, half_mm)
+        return half_mm
+
+    def _dilation_pad(self, spacing: np.ndarray) -> np.ndarray:
+        """Voxels around the tumour's box that the dilation of ``masked`` crops reaches."""
+        return np.ceil(self.mask_dilation_mm / spacing) + 1
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -195,21 +205,19 @@ class TumourROId(MapTransform):
         if self.crop == "masked":
             image = image * torch.as_tensor(self._dilated(mask, lo, hi, spacing))
         centre = (lo + hi) / 2
-        extent_mm = (hi - lo + 1) * spacing
-        side_mm = float(extent_mm.max() if self.mode == "3d" else extent_mm[:2].max())
-        half_mm = side_mm / 2 + self.margin_mm
-        if self.fov_mm:  # fixed physical scale, widened only for a tumour that would not fit
-            half_mm = max(self.fov_mm / 2, half_mm)
-        half = half_mm / spacing
+        half = self._half_mm((hi - lo + 1) * spacing) / spacing
         if self.mode == "3d":
             crop = _square(image, centre, half, (0, 1, 2), None, self.size)
             planes = [crop] * self.channels
         else:
             axial = int(np.argmax(mask.sum(axis=(0, 1))))
             if self.mode == "2.5d_orthogonal":
-                planes = [_square(image, centre, half, (0, 1), round(centre[2]), self.size),
-                          _square(image, centre, half, (0, 2), round(centre[1]), self.size),
-                          _square(image, centre, half, (1, 2), round(centre[0]), self.size)]
+                # Half-voxel centres round up, not to even: the same plane wherever the
+                # volume starts (ROISpacingd's block, or the whole scan).
+                through = np.floor(centre + 0.5).astype(int)
+                planes = [_square(image, centre, half, (0, 1), through[2], self.size),
+                          _square(image, centre, half, (0, 2), through[1], self.size),
+                          _square(image, centre, half, (1, 2), through[0], self.size)]
             elif self.mode == "2.5d_adjacent":
                 step = max(1, round(self.adjacent_mm / spacing[2]))
                 planes = [_square(image, centre, half, (0, 1), axial + k, self.size)

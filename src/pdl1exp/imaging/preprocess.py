@@ -8,7 +8,7 @@ from itertools import product
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data.utils import compute_shape_offset, zoom_affine
+from monai.data.utils import affine_to_spacing, compute_shape_offset, zoom_affine
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -71,10 +71,8 @@ class ROISpacingd(MapTransform):
             lo, hi = mapped.min(0), mapped.max(0)
         else:
             lo = hi = seed
-        spacing = np.sqrt((grid[:3, :3] ** 2).sum(0))
-        first, last = self.roi.support(lo, hi, spacing, seed)
+        first, last = self.roi.support(lo, hi, affine_to_spacing(grid), seed)
         start = np.clip(np.floor(first).astype(int) - 1, 0, shape)
-        start -= start % 2  # even: the crop's round() (half to even) stays shift-invariant
         stop = np.clip(np.ceil(last).astype(int) + 2, start + 1, shape)
         return start, stop
 
