@@ -113,7 +113,7 @@ def test_a_file_checked_once_is_checked_again_when_it_changes(tmp_path: Path,
     check = images._check_nifti_complete
     monkeypatch.setattr(images, "_check_nifti_complete",
                         lambda path: (checked.append(path), check(path)))
-    images._nifti_complete.cache_clear()  # a file of an earlier test may share the key
+    monkeypatch.setattr(images, "_CHECKED", set())  # an earlier test's file may share the key
     path = _write(tmp_path / "ct.nii.gz", _volume((20, 30, 40)), compress=True)
     for _ in range(3):
         read_image(path)
@@ -123,6 +123,29 @@ def test_a_file_checked_once_is_checked_again_when_it_changes(tmp_path: Path,
         with pytest.raises(ImageReadError, match="truncated or corrupt gzip"):
             read_image(path)
     assert len(checked) == 3
+
+
+def test_files_another_process_checked_are_not_checked_again_unless_changed(
+        tmp_path: Path, monkeypatch) -> None:
+    """A worker given the parent's checked file versions reads them without the check; a
+    file rewritten since is another version, and is checked."""
+    path = _write(tmp_path / "ct.nii.gz", _volume((20, 30, 40)), compress=True)
+    monkeypatch.setattr(images, "_CHECKED", set())
+    read_image(path)  # the parent's read
+    parent = images.checked_files()
+    assert {version[0] for version in parent} == {str(path)}
+    checked = []
+    check = images._check_nifti_complete
+    monkeypatch.setattr(images, "_check_nifti_complete",
+                        lambda path: (checked.append(path), check(path)))
+    monkeypatch.setattr(images, "_CHECKED", set())  # a fresh worker
+    images.trust_checked(parent)
+    read_image(path)
+    assert checked == []
+    path.write_bytes(path.read_bytes()[:-400])
+    with pytest.raises(ImageReadError, match="truncated or corrupt gzip"):
+        read_image(path)
+    assert checked == [path]
 
 
 def test_gzip_with_short_payload_is_detected(tmp_path: Path) -> None:

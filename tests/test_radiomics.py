@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -184,8 +186,18 @@ def test_parallel_extraction_equals_serial(tmp_path: Path, params: dict) -> None
     rois = _rois(*(_write(tmp_path, f"p{i}", rng.normal(0, 30, (SIZE,) * 3), _sphere(5 + i))
                    for i in range(3)))
     serial = extract_radiomics(rois, params=params, cache_dir=tmp_path / "a", n_jobs=1)
-    parallel = extract_radiomics(rois, params=params, cache_dir=tmp_path / "b", n_jobs=2)
+    pools = []
+
+    def pool(*args, **kwargs):  # the real pool, its arguments kept
+        pools.append(kwargs)
+        return ProcessPoolExecutor(*args, **kwargs)
+
+    with mock.patch.object(radiomics, "ProcessPoolExecutor", side_effect=pool):
+        parallel = extract_radiomics(rois, params=params, cache_dir=tmp_path / "b", n_jobs=2)
     pd.testing.assert_frame_equal(parallel.table, serial.table)
+    # The spawned workers trust the files this process checked (the serial run read them).
+    trusted = {version[0] for version in pools[0]["initargs"][0]}
+    assert {*rois["image"], *rois["mask"]} <= trusted
 
 
 def test_patient_rows_are_reused_under_their_own_id(tmp_path: Path, params: dict) -> None:

@@ -8,11 +8,11 @@ detected here, because ITK's NIfTI reader silently zero-fills a short data block
 
 from __future__ import annotations
 
-import functools
 import gzip
 import os
 import threading
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import nibabel as nib
@@ -25,9 +25,11 @@ from pdl1exp.data.series import choose_series, image_series
 __all__ = [
     "IMAGE_SUFFIXES",
     "ImageReadError",
+    "checked_files",
     "geometry_mismatch",
     "label_problem",
     "read_image",
+    "trust_checked",
     "write_image",
 ]
 
@@ -77,13 +79,32 @@ def _check_nifti_complete(path: Path) -> None:
         _check_finite(path, np.asanyarray(nifti.dataobj))
 
 
-@functools.lru_cache(maxsize=8192)
-def _nifti_complete(path: str, size: int, mtime_ns: int, inode: int) -> None:
+# The NIfTI file versions (path, size, modification time, inode) checked in this process.
+_CHECKED: set[tuple[str, int, int, int]] = set()
+
+
+def _nifti_complete(path: Path) -> None:
     """:func:`_check_nifti_complete` once per version of a file (name, size, modification
     time, inode) in a process: a run reads an image in several stages, and the check
     decompresses all of it again (17 ms for a 1.5 MB volume). A failing file is checked at
-    every read (a raised error is not cached)."""
-    _check_nifti_complete(Path(path))
+    every read (a failure is not remembered)."""
+    stat = path.stat()
+    file_version = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if file_version not in _CHECKED:
+        _check_nifti_complete(path)
+        _CHECKED.add(file_version)
+
+
+def checked_files() -> frozenset[tuple[str, int, int, int]]:
+    """The NIfTI file versions this process has checked, for a worker process's
+    :func:`trust_checked` (a spawned worker starts with none)."""
+    return frozenset(_CHECKED)
+
+
+def trust_checked(file_versions: Iterable[tuple[str, int, int, int]]) -> None:
+    """Count these file versions (from :func:`checked_files` of the process that checked
+    them) as checked here: a file changed since has another version and is checked again."""
+    _CHECKED.update(file_versions)
 
 
 def _check_header_size(path: Path) -> None:
@@ -181,8 +202,7 @@ def read_image(path: str | Path) -> sitk.Image:
             raise ImageReadError(msg)
         try:
             if suffix in (".nii", ".nii.gz"):
-                stat = path.stat()
-                _nifti_complete(str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+                _nifti_complete(path)
             else:
                 _check_header_size(path)
             image = sitk.ReadImage(str(path))

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 from tqdm.auto import tqdm
 
-from pdl1exp.data.images import read_image
+from pdl1exp.data.images import checked_files, read_image, trust_checked
 from pdl1exp.data.manifest import CohortError, Problem
 from pdl1exp.features.cache import FeatureCache
 from pdl1exp.hashing import content_key, file_digest
@@ -152,9 +152,12 @@ def _safe_extract(job: dict[str, Any]) -> dict[str, float] | str:
         return f"radiomics extraction failed: {type(err).__name__}: {err}"
 
 
-def _worker_init() -> None:
-    """One ITK thread per worker: the processes are the parallelism."""
+def _worker_init(checked: frozenset[tuple[str, int, int, int]]) -> None:
+    """One ITK thread per worker: the processes are the parallelism. The image files the
+    parent has checked (``checked``, :func:`~pdl1exp.data.images.checked_files`) are not
+    decompressed once more to check them again."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    trust_checked(checked)
 
 
 def _patient_key(row: pd.Series, spec: Mapping[str, Any]) -> str:
@@ -240,7 +243,8 @@ def _run(todo: list[dict[str, Any]], workers: int):
         return
     # spawn: the parent may hold ITK/OpenMP threads (torch) that a fork would copy broken.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                             initargs=(checked_files(),)) as pool:
         futures: dict[Future, dict[str, Any]] = {pool.submit(_safe_extract, job): job
                                                  for job in todo}
         for future in as_completed(futures):
