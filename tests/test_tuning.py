@@ -401,7 +401,7 @@ def test_a_wall_clock_budget_is_flagged_as_incomparable(tmp_path, caplog):
 
 def test_selection_is_fitted_once_per_fold_and_once_for_every_final_model():
     X, y = table(seed=8, n=90, p=40, n_planted=3)
-    cfg = model_cfg("[lr,knn]", "lasso", n_trials=2, cv_folds=3, n_jobs=1)  # counted here
+    cfg = model_cfg("[lr,knn]", "lasso", n_trials=2, cv_folds=3)
     search = {"selection_cfg": cfg["selection"], "tuning_cfg": cfg["tuning"]}
     original = LassoSelector.fit
     with mock.patch.object(LassoSelector, "fit", autospec=True, side_effect=original) as fit:
@@ -417,27 +417,6 @@ def test_selection_is_fitted_once_per_fold_and_once_for_every_final_model():
     np.testing.assert_array_equal(lr.selected_features_, knn.selected_features_)
 
 
-def test_fold_selections_fitted_in_worker_processes_equal_those_fitted_here(caplog):
-    """The folds' selections fitted in two processes: the same folds, and each fold's
-    convergence warnings logged here as one line."""
-    X, y = table(seed=5, n=90, p=60, n_planted=3)
-    cfg = model_cfg("lr", "lasso", n_trials=1, cv_folds=3)
-    cfg["selection"]["steps"]["lasso"]["max_iter"] = 1  # every path fit stops early
-    shared = {n: prepare_folds(X, y, selection_cfg=cfg["selection"],
-                               tuning_cfg={**cfg["tuning"], "n_jobs": n}) for n in (1, 2)}
-    here = shared[1].folds
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger=tuning_module.__name__):
-        folds = shared[2].folds
-    for fold, expected in zip(folds, here, strict=True):
-        pd.testing.assert_frame_equal(fold.X_train, expected.X_train)
-        pd.testing.assert_frame_equal(fold.X_val, expected.X_val)
-        np.testing.assert_array_equal(fold.val_index, expected.val_index)
-    lines = sorted(r.getMessage() for r in caplog.records
-                   if r.getMessage().startswith("feature selection, fold"))
-    assert [line.split(":")[0] for line in lines] == [f"feature selection, fold {k}"
-                                                      for k in range(3)]
-    assert all("solver fits did not converge" in line for line in lines)
 
 
 def test_worker_processes_warnings_reach_the_log_as_one_count(caplog, recwarn):

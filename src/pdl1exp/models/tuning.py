@@ -124,43 +124,34 @@ class CVFold:
 class SharedSelection:
     """The selection fitted once per CV fold and once on all rows, shared by every classifier.
 
-    The folds' selections are fitted on first use of :attr:`folds`, in ``n_jobs`` worker
-    processes: a sweep whose trials are all stored (with their out-of-fold probabilities)
-    never needs them.
+    The folds' selections are fitted on first use of :attr:`folds`: a sweep whose trials are
+    all stored (with their out-of-fold probabilities) never needs them.
 
     Attributes:
         X: the feature table, one row per patient.
         splits: the stratified CV splits, (train, validation) row positions.
-        fit: a fresh selection pipeline fitted on the given rows, its output on them and the
-            warnings its fit raised (:func:`_fit_rows`).
+        fit: a fresh selection pipeline fitted on the given rows, and its output on them.
         full: the selection pipeline fitted on all rows (for the final models).
         X_full: ``full``'s output on all rows: the final classifiers' training input.
         y: the 0/1 labels of all rows.
         memory: the cache of fitted selections, which also keeps the final classifiers.
-        n_jobs: worker processes fitting the folds' selections (-1: one per core, at most one
-            per fold); the folds are the same for any value.
     """
 
     X: pd.DataFrame
     splits: list[tuple[np.ndarray, np.ndarray]]
-    fit: Callable[[np.ndarray], tuple[Pipeline, pd.DataFrame, list[warnings.WarningMessage]]]
+    fit: Callable[[np.ndarray, str], tuple[Pipeline, pd.DataFrame]]
     full: Pipeline
     X_full: pd.DataFrame
     y: np.ndarray
     memory: Memory | str | None = None
-    n_jobs: int = 1
 
     @functools.cached_property
     def folds(self) -> list[CVFold]:
         """The CV folds, each with the selection fitted on its training part only."""
-        workers = min(effective_n_jobs(self.n_jobs), len(self.splits))
-        fitted = Parallel(n_jobs=workers, prefer="processes", return_as="generator")(
-            delayed(self.fit)(train) for train, _ in self.splits)
         folds = []
-        for k, ((train, val), result) in enumerate(zip(
-                self.splits, tqdm(fitted, total=len(self.splits), desc="Feature selection",
-                                  unit="fold"), strict=True)):
-            selection, X_train = _replayed_fit(result, f"feature selection, fold {k}")
+        for k, (train, val) in enumerate(tqdm(self.splits, desc="Feature selection",
+                                              unit="fold")):
+            selection, X_train = self.fit(train, f"feature selection, fold {k}")
             folds.append(CVFold(X_train, self.y[train], selection.transform(self.X.iloc[val]),
                                 self.y[val], val))
         return folds
@@ -254,9 +245,8 @@ def prepare_folds(
     selection = Pipeline(build_selection(selection_cfg, selection_inputs)).set_output(
         transform="pandas")
     fit = functools.partial(_fit_rows, CachedFit(selection, memory), X, y)
-    full, X_full = _replayed_fit(fit(np.arange(len(y))), "feature selection, all")
-    return SharedSelection(X, list(splitter.split(X, y)), fit, full, X_full, y, memory,
-                           n_jobs=tuning_cfg.get("n_jobs", 1))
+    full, X_full = fit(np.arange(len(y)), "feature selection, all")
+    return SharedSelection(X, list(splitter.split(X, y)), fit, full, X_full, y, memory)
 
 
 class CachedFit(TransformerMixin, BaseEstimator):
@@ -308,26 +298,14 @@ def _data_key(X: pd.DataFrame, y: np.ndarray) -> str:
 
 
 def _fit_rows(
-    selection: CachedFit, X: pd.DataFrame, y: np.ndarray, rows: np.ndarray,
-) -> tuple[Pipeline, pd.DataFrame, list[warnings.WarningMessage]]:
-    """``selection`` fitted on some rows: the fitted pipeline, its output on those rows and
-    the warnings raised (a worker process's would not reach the caller's log)."""
-    fitted = clone(selection)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = fitted.fit_transform(X.iloc[rows], y[rows])
-    return fitted.transformer_, out, [_picklable(warning) for warning in caught]
-
-
-def _replayed_fit(
-    result: tuple[Pipeline, pd.DataFrame, list[warnings.WarningMessage]], what: str
+    selection: CachedFit, X: pd.DataFrame, y: np.ndarray, rows: np.ndarray, what: str,
 ) -> tuple[Pipeline, pd.DataFrame]:
-    """A :func:`_fit_rows` result's pipeline and output, its warnings raised again here and
-    its solvers' convergence warnings counted as ``what`` in one log line."""
-    fitted, out, caught = result
+    """``selection`` fitted on some rows, its solvers' convergence warnings counted as
+    ``what``: the fitted pipeline and its output on those rows."""
+    fitted = clone(selection)
     with _counted_convergence_warnings(what):
-        replay_warnings(caught)
-    return fitted, out
+        out = fitted.fit_transform(X.iloc[rows], y[rows])
+    return fitted.transformer_, out
 
 
 def model_code_key() -> str:
