@@ -113,7 +113,7 @@ def test_a_file_checked_once_is_checked_again_when_it_changes(tmp_path: Path,
     check = images._check_nifti_complete
     monkeypatch.setattr(images, "_check_nifti_complete",
                         lambda path: (checked.append(path), check(path)))
-    monkeypatch.setattr(images, "_CHECKED", set())  # an earlier test's file may share the key
+    monkeypatch.setattr(images, "_CHECKED", {})  # an earlier test's file may share the key
     path = _write(tmp_path / "ct.nii.gz", _volume((20, 30, 40)), compress=True)
     for _ in range(3):
         read_image(path)
@@ -130,7 +130,7 @@ def test_files_another_process_checked_are_not_checked_again_unless_changed(
     """A worker given the parent's checked file versions reads them without the check; a
     file rewritten since is another version, and is checked."""
     path = _write(tmp_path / "ct.nii.gz", _volume((20, 30, 40)), compress=True)
-    monkeypatch.setattr(images, "_CHECKED", set())
+    monkeypatch.setattr(images, "_CHECKED", {})
     read_image(path)  # the parent's read
     parent = images.checked_files()
     assert {version[0] for version in parent} == {str(path)}
@@ -138,7 +138,7 @@ def test_files_another_process_checked_are_not_checked_again_unless_changed(
     check = images._check_nifti_complete
     monkeypatch.setattr(images, "_check_nifti_complete",
                         lambda path: (checked.append(path), check(path)))
-    monkeypatch.setattr(images, "_CHECKED", set())  # a fresh worker
+    monkeypatch.setattr(images, "_CHECKED", {})  # a fresh worker
     images.trust_checked(parent)
     read_image(path)
     assert checked == []
@@ -146,6 +146,15 @@ def test_files_another_process_checked_are_not_checked_again_unless_changed(
     with pytest.raises(ImageReadError, match="truncated or corrupt gzip"):
         read_image(path)
     assert checked == [path]
+
+
+def test_the_checked_files_are_bounded_oldest_forgotten_first(monkeypatch) -> None:
+    monkeypatch.setattr(images, "_CHECKED", {})
+    monkeypatch.setattr(images, "_MAX_CHECKED", 3)
+    versions = [(f"/f{i}.nii.gz", 1, 1, i) for i in range(5)]
+    for version in versions:
+        images.trust_checked([version])
+    assert images.checked_files() == frozenset(versions[2:])
 
 
 def test_gzip_with_short_payload_is_detected(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ detected here, because ITK's NIfTI reader silently zero-fills a short data block
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import threading
 import zlib
@@ -79,8 +80,11 @@ def _check_nifti_complete(path: Path) -> None:
         _check_finite(path, np.asanyarray(nifti.dataobj))
 
 
-# The NIfTI file versions (path, size, modification time, inode) checked in this process.
-_CHECKED: set[tuple[str, int, int, int]] = set()
+# The NIfTI file versions (path, size, modification time, inode) checked in this process,
+# oldest first, at most _MAX_CHECKED of them (a long-lived process reads ever new files).
+_CHECKED: dict[tuple[str, int, int, int], None] = {}
+_MAX_CHECKED = 1 << 16
+_CHECKED_LOCK = threading.Lock()
 
 
 def _nifti_complete(path: Path) -> None:
@@ -92,19 +96,24 @@ def _nifti_complete(path: Path) -> None:
     file_version = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
     if file_version not in _CHECKED:
         _check_nifti_complete(path)
-        _CHECKED.add(file_version)
+        trust_checked([file_version])
 
 
 def checked_files() -> frozenset[tuple[str, int, int, int]]:
     """The NIfTI file versions this process has checked, for a worker process's
     :func:`trust_checked` (a spawned worker starts with none)."""
-    return frozenset(_CHECKED)
+    with _CHECKED_LOCK:
+        return frozenset(_CHECKED)
 
 
 def trust_checked(file_versions: Iterable[tuple[str, int, int, int]]) -> None:
     """Count these file versions (from :func:`checked_files` of the process that checked
-    them) as checked here: a file changed since has another version and is checked again."""
-    _CHECKED.update(file_versions)
+    them) as checked here: a file changed since has another version and is checked again.
+    Beyond :data:`_MAX_CHECKED` versions the oldest are forgotten (checked again if read)."""
+    with _CHECKED_LOCK:
+        _CHECKED.update(dict.fromkeys(file_versions))
+        for oldest in list(itertools.islice(_CHECKED, max(0, len(_CHECKED) - _MAX_CHECKED))):
+            del _CHECKED[oldest]
 
 
 def _check_header_size(path: Path) -> None:
