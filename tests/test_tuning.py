@@ -419,6 +419,19 @@ def test_selection_is_fitted_once_per_fold_and_once_for_every_final_model():
 
 
 
+def test_non_finite_probabilities_stop_the_sweep_with_the_trial_named():
+    X, y = table(seed=3, n=60, p=8, n_planted=2)
+    # timeout_s: without the check every trial would fail (value NaN) and none complete
+    cfg = model_cfg("lr", "none", n_trials=2, cv_folds=3, n_jobs=1, timeout_s=30)
+
+    def nan(estimator, fold):
+        return np.full(len(fold.y_val), np.nan), []
+
+    with mock.patch.object(tuning_module, "_fold_proba", side_effect=nan), \
+            pytest.raises(ValueError, match=r"trial 0 .* CV fold 0: the classifier predicted NaN"):
+        tune(X, y, cfg)
+
+
 def test_worker_processes_warnings_reach_the_log_as_one_count(caplog, recwarn):
     """A fold fitted in a worker process warns there; the sweep logs one line counting them."""
     X, y = table(seed=4, n=80, p=10, n_planted=2)

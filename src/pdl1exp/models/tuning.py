@@ -678,6 +678,10 @@ def _objective(
                 zip(selection.folds, probas, strict=True)
             ):
                 replay_warnings(caught)
+                if not np.isfinite(proba).all():  # the rank AUC would be NaN, not an error
+                    msg = (f"trial {trial.number} ({trial.params}), CV fold {step}: the "
+                           "classifier predicted NaN or infinite probabilities")
+                    raise ValueError(msg)
                 aucs.append(float(univariate_auc(proba[:, None], fold.y_val)[0]))
                 oof[fold.val_index] = proba
                 if prune:
