@@ -432,6 +432,19 @@ def test_non_finite_probabilities_stop_the_sweep_with_the_trial_named():
         tune(X, y, cfg)
 
 
+def test_a_cv_fold_with_one_class_is_one_clear_error():
+    """Three positives cannot fill five folds: one error naming the folds and the counts
+    (no fold AUC exists; a NaN trial value would never complete)."""
+    X, y = table(seed=3, n=40, p=6)
+    y = np.zeros(40, dtype=int)
+    y[:3] = 1
+    cfg = model_cfg("lr", "none", n_trials=1, cv_folds=5, n_jobs=1)
+    with pytest.warns(UserWarning, match="least populated class"), \
+            pytest.raises(ValueError, match=r"cv_folds=5: CV fold \d holds only one class "
+                                            r"\(training labels: 3 positive, 37 negative\)"):
+        prepare_folds(X, y, selection_cfg=cfg["selection"], tuning_cfg=cfg["tuning"])
+
+
 def test_worker_processes_warnings_reach_the_log_as_one_count(caplog, recwarn):
     """A fold fitted in a worker process warns there; the sweep logs one line counting them."""
     X, y = table(seed=4, n=80, p=10, n_planted=2)

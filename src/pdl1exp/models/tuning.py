@@ -246,7 +246,14 @@ def prepare_folds(
         transform="pandas")
     fit = functools.partial(_fit_rows, CachedFit(selection, memory), X, y)
     full, X_full = fit(np.arange(len(y)), "feature selection, all")
-    return SharedSelection(X, list(splitter.split(X, y)), fit, full, X_full, y, memory)
+    splits = list(splitter.split(X, y))
+    for k, (_, val) in enumerate(splits):
+        if len(np.unique(y[val])) < 2:  # no AUC on this fold
+            msg = (f"tuning.cv_folds={tuning_cfg['cv_folds']}: CV fold {k} holds only one class "
+                   f"(training labels: {int(y.sum())} positive, {int(len(y) - y.sum())} "
+                   "negative); use fewer folds or more patients of the rarer class")
+            raise ValueError(msg)
+    return SharedSelection(X, splits, fit, full, X_full, y, memory)
 
 
 class CachedFit(TransformerMixin, BaseEstimator):
@@ -679,6 +686,7 @@ def _objective(
             ):
                 replay_warnings(caught)
                 if not np.isfinite(proba).all():  # the rank AUC would be NaN, not an error
+                    # (every fold holds both classes: prepare_folds)
                     msg = (f"trial {trial.number} ({trial.params}), CV fold {step}: the "
                            "classifier predicted NaN or infinite probabilities")
                     raise ValueError(msg)
