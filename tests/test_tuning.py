@@ -19,6 +19,7 @@ import optuna
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+from joblib import Parallel, delayed
 from omegaconf import OmegaConf
 from scipy.stats import norm
 from sklearn.base import clone
@@ -456,4 +457,32 @@ def test_worker_processes_warnings_reach_the_log_as_one_count(caplog, recwarn):
                    if r.getMessage().startswith("tuning lr:")]
     assert len(sweep_lines) == 1
     assert sweep_lines[0].startswith("tuning lr: 4 solver fits did not converge (first: lbfgs")
+    assert not [w for w in recwarn if issubclass(w.category, ConvergenceWarning)]
+
+
+def test_studies_on_a_shared_storage_run_side_by_side_with_the_same_trials(
+        tmp_path, monkeypatch, caplog, recwarn):
+    """On a storage, two workers each run a classifier's study (its folds one after another):
+    the same trials as the studies one after another here, every study's warnings counted in
+    this log, and a relative SQLite path found by workers started in another folder."""
+    X, y = table(seed=5, n=80, p=12, n_planted=2)
+    cfg = model_cfg("[lr,knn]", "none", n_trials=3, cv_folds=3, n_jobs=2)
+    cfg["classifier"]["lr"]["estimator"]["max_iter"] = 1  # every lr fit warns once
+    kwargs = {"classifiers": cfg["classifier"], "selection_cfg": cfg["selection"]}
+    Parallel(n_jobs=2)(delayed(os.getcwd)() for _ in range(2))  # workers started here
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger=tuning_module.__name__):
+        side = sweep(X, y, **kwargs, tuning_cfg=cfg["tuning"], storage="sqlite:///rel/a.db",
+                     study_name="side")
+    one = sweep(X, y, **kwargs, tuning_cfg={**cfg["tuning"], "n_jobs": 1},
+                storage="sqlite:///rel/b.db", study_name="one")
+    for name in ("lr", "knn"):
+        columns = ["number", "value", *side[name].trials.filter(like="params_").columns]
+        pd.testing.assert_frame_equal(side[name].trials[columns], one[name].trials[columns])
+        np.testing.assert_array_equal(side[name].oof_proba, one[name].oof_proba)
+        trials = optuna.load_study(study_name=f"side/{name}", storage="sqlite:///rel/a.db").trials
+        assert os.getpid() not in {trial.user_attrs["worker"]["pid"] for trial in trials}
+    counted = "tuning lr: 9 solver fits did not converge (first: lbfgs"  # 3 trials x 3 folds
+    assert [r.getMessage()[:len(counted)] for r in caplog.records
+            if r.getMessage().startswith("tuning")] == [counted, counted]  # either way
     assert not [w for w in recwarn if issubclass(w.category, ConvergenceWarning)]

@@ -404,6 +404,16 @@ def _sqlite_file(url: str) -> Path | None:
     return None
 
 
+def _absolute(url: str) -> str:
+    """``url`` with a relative SQLite path made absolute: worker processes started by an
+    earlier call may have another working directory."""
+    path = _sqlite_file(url)
+    if path is None or path.is_absolute():
+        return url
+    return make_url(url).set(database=str(path.resolve())).render_as_string(
+        hide_password=False)
+
+
 def _ensure_sqlite_folder(url: str) -> None:
     """Create the folder of a ``sqlite:///path`` file; SQLite will not."""
     if (path := _sqlite_file(url)) is not None:
@@ -654,7 +664,7 @@ def _alive(pid: int | None) -> bool:
 
 
 def _objective(
-    spec: Mapping[str, Any], selection: SharedSelection, n_jobs: int, counter: list[int], *,
+    spec: Mapping[str, Any], folds: list[CVFold], n_jobs: int, counter: list[int], *,
     prune: bool,
 ):
     """Mean validation AUC over the folds, reported fold by fold to the pruner (``prune``).
@@ -671,18 +681,19 @@ def _objective(
     cores: the seven classifiers' sweep 105 s sequential, 78 s on 2 threads, 62 s on 2
     processes, the same AUCs).
     """
-    workers = min(effective_n_jobs(n_jobs), len(selection.splits))
+    workers = min(effective_n_jobs(n_jobs), len(folds))
+    n_rows = sum(len(fold.val_index) for fold in folds)
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         estimator = build_estimator(spec, suggest_params(trial, spec["search_space"]))
         probas = Parallel(n_jobs=workers, prefer="processes", return_as="generator")(
-            delayed(_fold_proba)(estimator, fold) for fold in selection.folds
+            delayed(_fold_proba)(estimator, fold) for fold in folds
         )
-        aucs, oof = [], np.empty(len(selection.y))
+        aucs, oof = [], np.empty(n_rows)
         try:
             for step, (fold, (proba, caught)) in enumerate(
-                zip(selection.folds, probas, strict=True)
+                zip(folds, probas, strict=True)
             ):
                 replay_warnings(caught)
                 if not np.isfinite(proba).all():  # the rank AUC would be NaN, not an error
@@ -731,22 +742,79 @@ def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def _run_trials(
-    study: optuna.Study, spec: Mapping[str, Any], selection: SharedSelection,
-    tuning_cfg: Mapping[str, Any], name: str,
+    study: optuna.Study, spec: Mapping[str, Any], folds: list[CVFold],
+    tuning_cfg: Mapping[str, Any], n_jobs: int,
 ) -> int:
-    """Run trials until ``tuning.n_trials`` have completed in the study, by any process;
-    return how many this process completed."""
+    """Run trials until ``tuning.n_trials`` have completed in the study, by any process, each
+    trial's folds in ``n_jobs`` processes; return how many this process completed."""
     n_trials, mine = tuning_cfg["n_trials"], []
-    with _counted_convergence_warnings(f"tuning {name}"):
-        fail_dead_trials(study, tuning_cfg)
-        if len(_complete(study)) < n_trials:
-            study.optimize(
-                _objective(spec, selection, tuning_cfg["n_jobs"], mine,
-                           prune=not isinstance(study.pruner, optuna.pruners.NopPruner)),
-                timeout=tuning_cfg.get("timeout_s"),
-                callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))],
-            )
+    fail_dead_trials(study, tuning_cfg)
+    if len(_complete(study)) < n_trials:
+        study.optimize(
+            _objective(spec, folds, n_jobs, mine,
+                       prune=not isinstance(study.pruner, optuna.pruners.NopPruner)),
+            timeout=tuning_cfg.get("timeout_s"),
+            callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))],
+        )
     return len(mine)
+
+
+def _study_process(
+    url: str, study_name: str, spec: Mapping[str, Any], folds: list[CVFold],
+    tuning_cfg: Mapping[str, Any],
+) -> tuple[int, float, list[warnings.WarningMessage]]:
+    """:func:`_run_trials` of one study in a worker process, its folds one after another:
+    the trials it completed, its wall time, and the warnings raised (for the caller's log)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        study = _open_study(open_storage(url, tuning_cfg), study_name, tuning_cfg)
+        mine = _run_trials(study, spec, folds, tuning_cfg, n_jobs=1)
+    return mine, time.perf_counter() - start, [_picklable(warning) for warning in caught]
+
+
+def _run_studies(
+    opened: Mapping[str, optuna.Study], specs: Mapping[str, Mapping[str, Any]],
+    selection: SharedSelection, tuning_cfg: Mapping[str, Any], url: str | None,
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Every study's trials: how many this process completed, and the wall time, per study.
+
+    Studies on a storage that processes share run side by side, one per worker process
+    (``tuning.n_jobs``), each trial's folds one after another: both cores stay busy through
+    Optuna's own work between trials and through a trial's last fold, which a trial's folds
+    spread over the processes left to one. Otherwise (one worker, one study, an in-memory
+    storage) they run one after another here, each trial's folds in the worker processes.
+    Either way a study's trials are the same: its sampler reads its own trials only, and the
+    folds are reported in their order.
+    """
+    mine, elapsed = dict.fromkeys(opened, 0), dict.fromkeys(opened, 0.0)
+    for study in opened.values():
+        fail_dead_trials(study, tuning_cfg)
+    pending = [name for name, study in opened.items()
+               if len(_complete(study)) < tuning_cfg["n_trials"]]
+    if not pending:  # every trial stored: the folds' selections are not needed
+        return mine, elapsed
+    folds = selection.folds  # fitted once, here, for every study
+    workers = min(effective_n_jobs(tuning_cfg["n_jobs"]), len(pending))
+    if url is None or workers < 2:
+        for name in pending:
+            start = time.perf_counter()
+            with _counted_convergence_warnings(f"tuning {name}"):
+                mine[name] = _run_trials(opened[name], specs[name], folds, tuning_cfg,
+                                         tuning_cfg["n_jobs"])
+            elapsed[name] = time.perf_counter() - start
+        return mine, elapsed
+    done = Parallel(n_jobs=workers, prefer="processes", batch_size=1)(
+        delayed(_study_process)(_absolute(url), opened[name].study_name, specs[name], folds,
+                                tuning_cfg)
+        for name in pending
+    )
+    for name, (count, seconds, caught) in zip(pending, done, strict=True):
+        with _counted_convergence_warnings(f"tuning {name}"):
+            replay_warnings(caught)
+        mine[name], elapsed[name] = count, seconds
+    return mine, elapsed
 
 
 def fail_dead_trials(study: optuna.Study, tuning_cfg: Mapping[str, Any]) -> None:
@@ -866,12 +934,10 @@ def _tune(
         selection = prepare_folds(X, y, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg,
                                   selection_inputs=selection_inputs, memory=memory)
     rdb = open_storage(storage, tuning_cfg)
-    opened, mine, elapsed = {}, {}, {}
-    for name, (spec, study_name) in studies.items():
-        start = time.perf_counter()
-        opened[name] = _open_study(rdb, study_name, tuning_cfg)
-        mine[name] = _run_trials(opened[name], spec, selection, tuning_cfg, name)
-        elapsed[name] = time.perf_counter() - start
+    opened = {name: _open_study(rdb, study_name, tuning_cfg)
+              for name, (_, study_name) in studies.items()}
+    mine, elapsed = _run_studies(opened, {name: spec for name, (spec, _) in studies.items()},
+                                 selection, tuning_cfg, storage)
     won, holder = (None, "this worker") if role == "worker" else _claim(rdb, claim, role)
     if holder is not None:
         done = ", ".join(
@@ -964,9 +1030,10 @@ def sweep(
     """Tune every classifier on the same CV folds and fit each best one on all of ``X``.
 
     The selection is fitted once per fold and once on all of ``X`` and shared by every
-    classifier and trial; each result's ``model`` is ready to predict. Every classifier's
-    trials run before the one finalization claim of the sweep (see :func:`tune_classifier`
-    for ``tuning.role``).
+    classifier and trial; each result's ``model`` is ready to predict. On a ``storage`` the
+    classifiers' studies run side by side in ``tuning.n_jobs`` worker processes, with the
+    same trials as one after another. Every classifier's trials run before the one
+    finalization claim of the sweep (see :func:`tune_classifier` for ``tuning.role``).
 
     Args:
         X: training feature table.
