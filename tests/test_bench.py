@@ -25,6 +25,7 @@ from pdl1exp.bench import backbone as bench_backbone
 from pdl1exp.bench import e2e as bench_e2e
 from pdl1exp.bench import radiomics as bench_radiomics
 from pdl1exp.bench import scaling as bench_scaling
+from pdl1exp.bench import sweep as bench_sweep
 from pdl1exp.features.backbones import build_backbone
 from pdl1exp.features.extract import resolve_precision
 from pdl1exp.features.extractor import DeepFeatureExtractor
@@ -349,3 +350,18 @@ def test_radiomics_benchmark_reports_seconds_and_speedup_per_preset() -> None:
         assert result[f"s_per_patient_{preset}_j1"] > 0
         assert result[f"speedup_{preset}_j1"] == pytest.approx(1.0)
     assert 0 < result["features_original"] < result["features_original_log"]
+
+
+def test_sweep_benchmark_runs_the_seven_studies_as_a_run_does() -> None:
+    """The sweep section times every classifier's study in the sweep a run makes (studies
+    side by side in worker processes): each completed its trials in its own time."""
+    result = bench_sweep.run(n_patients=60, n_features=30, n_trials=2,
+                             overrides=("tuning.cv_folds=3",))
+    assert result["cv_folds"] == 3
+    assert list(result["classifiers"]) == ["lr", "svm", "knn", "rf", "extra_trees", "xgboost",
+                                           "lightgbm"]
+    for name, timing in result["classifiers"].items():
+        assert timing["n_trials"] == 2, name
+        assert timing["wall_s"] > 0, name
+        assert 0 <= timing["cv_auc"] <= 1, name
+    assert result["sweep_s"] > result["selection_s"]

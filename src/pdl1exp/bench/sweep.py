@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from pdl1exp.models.tuning import prepare_folds, select_best, tune_classifier
+from pdl1exp.models.tuning import prepare_folds, select_best, sweep
 from pdl1exp.paths import CONFIG_DIR
 
 __all__ = ["run"]
@@ -61,10 +62,13 @@ def run(
     seed: int = 42,
     overrides: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Sweep ``classifier=all`` with ``selection=lasso`` and the default tuning config.
+    """Sweep ``classifier=all`` with ``selection=lasso`` and the default tuning config, as a
+    run does (:func:`~pdl1exp.models.tuning.sweep` on an SQLite storage: the studies side by
+    side in ``tuning.n_jobs`` processes).
 
     The selection is fitted once per CV fold and once on all rows (``selection_s``); each
-    classifier's time includes fitting its final model on the shared full-split selection.
+    classifier's ``wall_s`` is its study's trials in its worker process (they overlap), and
+    ``sweep_s`` the whole sweep with the refit of every final model.
 
     Args:
         n_patients: rows of the synthetic table (352: the paper's training cohort).
@@ -93,36 +97,23 @@ def run(
             ]
         )
     X, y = _synthetic(n_patients, n_features, n_informative, effect_size, seed, n_factors)
+    plain = OmegaConf.to_container(cfg, resolve=True)
 
     start = time.perf_counter()
-    selection = prepare_folds(X, y, selection_cfg=cfg.selection, tuning_cfg=cfg.tuning)
-    selection.folds  # noqa: B018 - fits the folds' selections (else the first trial would)
+    selection = prepare_folds(X, y, selection_cfg=plain["selection"], tuning_cfg=plain["tuning"])
+    selection.folds  # noqa: B018 - fits the folds' selections (else the sweep would)
     selection_s = time.perf_counter() - start
-    per_classifier, results = {}, []
     with tempfile.TemporaryDirectory() as tmp:
-        storage = f"sqlite:///{tmp}/optuna.db"
-        for name, spec in cfg.classifier.items():
-            tic = time.perf_counter()
-            result = tune_classifier(
-                X,
-                y,
-                name=name,
-                spec=spec,
-                selection_cfg=cfg.selection,
-                tuning_cfg=cfg.tuning,
-                storage=storage,
-                study_name=f"bench/{name}",
-                selection=selection,
-            )
-            wall_s = time.perf_counter() - tic
-            results.append(result)
-            per_classifier[name] = {
-                "wall_s": round(wall_s, 2),
-                "trials_per_s": round(result.n_trials / wall_s, 3),
-                "n_trials": result.n_trials,  # completed
-                "n_pruned": result.n_pruned,
-                "cv_auc": round(result.cv_auc, 4),
-            }
+        results = sweep(X, y, classifiers=plain["classifier"], selection_cfg=plain["selection"],
+                        tuning_cfg=plain["tuning"], storage=f"sqlite:///{tmp}/optuna.db",
+                        study_name="bench", selection=selection)
+    per_classifier = {name: {
+        "wall_s": round(result.wall_s, 2),
+        "trials_per_s": round(result.n_trials / result.wall_s, 3),
+        "n_trials": result.n_trials,  # completed
+        "n_pruned": result.n_pruned,
+        "cv_auc": round(result.cv_auc, 4),
+    } for name, result in results.items()}
     return {
         "n_patients": n_patients,
         "n_features": n_features,
@@ -133,7 +124,7 @@ def run(
         "n_selected_all": selection.X_full.shape[1],
         "selection_s": round(selection_s, 2),
         "sweep_s": round(time.perf_counter() - start, 2),
-        "best_classifier": select_best(results).name,
+        "best_classifier": select_best(results.values()).name,
         "classifiers": per_classifier,
     }
 

@@ -189,6 +189,8 @@ class TuningResult:
             indexed like ``X``.
         model: ``best_pipeline`` fitted on all of ``X``, its selection fitted once and shared
             by every classifier of the sweep (see :meth:`SharedSelection.final_model`).
+        wall_s: wall time of the study's trials in this process (0 when all were stored;
+            studies run side by side overlap).
     """
 
     name: str
@@ -201,6 +203,7 @@ class TuningResult:
     best_pipeline: Pipeline
     oof_proba: pd.Series
     model: Pipeline
+    wall_s: float = 0.0
 
 
 def _check_xy(X: pd.DataFrame, y: np.ndarray) -> np.ndarray:
@@ -906,6 +909,7 @@ def _finalize(
         cv_auc_folds=list(best.user_attrs["fold_aucs"]),
         n_trials=len(complete),
         n_pruned=n_pruned,
+        wall_s=elapsed_s,
         trials=study.trials_dataframe().drop(columns=f"user_attrs_{_OOF}", errors="ignore"),
         best_pipeline=build_pipeline(selection_cfg, best_estimator, selection_inputs),
         oof_proba=pd.Series(oof, index=X.index, name=name),
@@ -1026,6 +1030,7 @@ def sweep(
     study_name: str,
     selection_inputs: Mapping[str, Mapping[str, Any]] | None = None,
     memory: Memory | str | None = None,
+    selection: SharedSelection | None = None,
 ) -> dict[str, TuningResult]:
     """Tune every classifier on the same CV folds and fit each best one on all of ``X``.
 
@@ -1045,6 +1050,8 @@ def sweep(
         study_name: prefix; each classifier's study is ``<study_name>/<classifier>``.
         selection_inputs: runtime data of the selection steps (``build_selection``).
         memory: a joblib cache of the fitted selections (:func:`fit_memory`), or None.
+        selection: from :func:`prepare_folds` on the same ``X``, ``y``; computed here when
+            omitted.
 
     Raises:
         WorkerDone: this process only ran trials (see ``tuning.role``).
@@ -1052,7 +1059,7 @@ def sweep(
     return _tune(
         X, y, studies={name: (spec, f"{study_name}/{name}") for name, spec in classifiers.items()},
         claim=study_name, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg, storage=storage,
-        selection=None, selection_inputs=selection_inputs, memory=memory,
+        selection=selection, selection_inputs=selection_inputs, memory=memory,
     )
 
 
