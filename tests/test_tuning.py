@@ -19,7 +19,7 @@ import optuna
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
-from joblib import Parallel, delayed
+from joblib import Parallel, delayed, parallel_config
 from omegaconf import OmegaConf
 from scipy.stats import norm
 from sklearn.base import clone
@@ -486,3 +486,30 @@ def test_studies_on_a_shared_storage_run_side_by_side_with_the_same_trials(
     assert [r.getMessage()[:len(counted)] for r in caplog.records
             if r.getMessage().startswith("tuning")] == [counted, counted]  # either way
     assert not [w for w in recwarn if issubclass(w.category, ConvergenceWarning)]
+
+
+def test_inside_a_worker_the_studies_run_one_after_another_here(tmp_path):
+    """Where joblib would nest threads (a multirun job's worker process), the studies are not
+    run side by side: their warning filters would be shared."""
+    X, y = table(seed=5, n=60, p=8, n_planted=2)
+    cfg = model_cfg("[lr,knn]", "none", n_trials=2, cv_folds=3, n_jobs=2)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    spy = mock.patch.object(tuning_module, "_study_process",
+                            side_effect=tuning_module._study_process)
+    with parallel_config(backend="threading"), spy as study_process:  # as in joblib's workers
+        sweep(X, y, classifiers=cfg["classifier"], selection_cfg=cfg["selection"],
+              tuning_cfg=cfg["tuning"], storage=storage, study_name="nested")
+    assert not study_process.called
+    for name in ("lr", "knn"):
+        trials = optuna.load_study(study_name=f"nested/{name}", storage=storage).trials
+        assert {trial.user_attrs["worker"]["pid"] for trial in trials} == {os.getpid()}
+
+
+def test_a_study_in_a_worker_stops_when_the_sweeps_process_is_gone():
+    """Between trials a worker's study checks its parent: re-parented (the sweep's process was
+    killed) it stops, leaving no study running behind a killed sweep."""
+    study = mock.Mock()
+    tuning_module._stop_when_orphaned(os.getppid())(study, None)  # the parent lives on
+    study.stop.assert_not_called()
+    tuning_module._stop_when_orphaned(os.getppid() + 1)(study, None)  # another parent
+    study.stop.assert_called_once()

@@ -30,6 +30,7 @@ import optuna
 import pandas as pd
 from hydra.utils import instantiate
 from joblib import Memory, Parallel, delayed, effective_n_jobs
+from joblib.parallel import get_active_backend
 from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.study import MaxTrialsCallback
@@ -746,7 +747,7 @@ def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def _run_trials(
     study: optuna.Study, spec: Mapping[str, Any], folds: list[CVFold],
-    tuning_cfg: Mapping[str, Any], n_jobs: int,
+    tuning_cfg: Mapping[str, Any], n_jobs: int, callbacks: Iterable[Callable] = (),
 ) -> int:
     """Run trials until ``tuning.n_trials`` have completed in the study, by any process, each
     trial's folds in ``n_jobs`` processes; return how many this process completed."""
@@ -757,23 +758,37 @@ def _run_trials(
             _objective(spec, folds, n_jobs, mine,
                        prune=not isinstance(study.pruner, optuna.pruners.NopPruner)),
             timeout=tuning_cfg.get("timeout_s"),
-            callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))],
+            callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,)), *callbacks],
         )
     return len(mine)
 
 
+def _stop_when_orphaned(parent: int) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """A study callback stopping a worker process's trials once ``parent`` (the process that
+    runs the sweep) has died: a killed sweep leaves no study running behind it, only the trial
+    under way, as when the trials ran in that process."""
+
+    def stop(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+        if os.getppid() != parent:  # re-parented: the sweep's process is gone
+            study.stop()
+
+    return stop
+
+
 def _study_process(
     url: str, study_name: str, spec: Mapping[str, Any], folds: list[CVFold],
-    tuning_cfg: Mapping[str, Any],
+    tuning_cfg: Mapping[str, Any], parent: int,
 ) -> tuple[int, float, list[warnings.WarningMessage]]:
-    """:func:`_run_trials` of one study in a worker process, its folds one after another:
-    the trials it completed, its wall time, and the warnings raised (for the caller's log)."""
+    """:func:`_run_trials` of one study in a worker process of ``parent``, its folds one after
+    another: the trials it completed, its wall time, and the warnings raised (for the
+    caller's log)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         study = _open_study(open_storage(url, tuning_cfg), study_name, tuning_cfg)
-        mine = _run_trials(study, spec, folds, tuning_cfg, n_jobs=1)
+        mine = _run_trials(study, spec, folds, tuning_cfg, n_jobs=1,
+                           callbacks=[_stop_when_orphaned(parent)])
     return mine, time.perf_counter() - start, [_picklable(warning) for warning in caught]
 
 
@@ -787,7 +802,8 @@ def _run_studies(
     (``tuning.n_jobs``), each trial's folds one after another: both cores stay busy through
     Optuna's own work between trials and through a trial's last fold, which a trial's folds
     spread over the processes left to one. Otherwise (one worker, one study, an in-memory
-    storage) they run one after another here, each trial's folds in the worker processes.
+    storage, or inside a worker process) they run one after another here, each trial's
+    folds in the workers.
     Either way a study's trials are the same: its sampler reads its own trials only, and the
     folds are reported in their order.
     """
@@ -800,7 +816,10 @@ def _run_studies(
         return mine, elapsed
     folds = selection.folds  # fitted once, here, for every study
     workers = min(effective_n_jobs(tuning_cfg["n_jobs"]), len(pending))
-    if url is None or workers < 2:
+    # In a worker process (a multirun job) joblib nests threads, not processes: threads
+    # would share this process's warning filters, which every study replaces.
+    threads = getattr(get_active_backend(prefer="processes")[0], "uses_threads", False)
+    if url is None or workers < 2 or threads:
         for name in pending:
             start = time.perf_counter()
             with _counted_convergence_warnings(f"tuning {name}"):
@@ -810,7 +829,7 @@ def _run_studies(
         return mine, elapsed
     done = Parallel(n_jobs=workers, prefer="processes", batch_size=1)(
         delayed(_study_process)(_absolute(url), opened[name].study_name, specs[name], folds,
-                                tuning_cfg)
+                                tuning_cfg, os.getpid())
         for name in pending
     )
     for name, (count, seconds, caught) in zip(pending, done, strict=True):
