@@ -373,10 +373,20 @@ def fit_proba(
     """Fit a clone of ``estimator`` on ``X_fit``, ``y_fit``; its P(y=1) on ``X_score``, and
     the warnings raised (a worker process's would not reach the caller's log: pass them to
     :func:`replay_warnings`)."""
+    with _recorded_warnings() as caught:
+        proba = clone(estimator).fit(X_fit, y_fit).predict_proba(X_score)[:, 1]
+    return proba, caught
+
+
+@contextmanager
+def _recorded_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Record every warning raised inside; the list holds them, picklable, on exit (a worker
+    process returns them to the caller for :func:`replay_warnings`)."""
+    recorded: list[warnings.WarningMessage] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        proba = clone(estimator).fit(X_fit, y_fit).predict_proba(X_score)[:, 1]
-    return proba, [_picklable(warning) for warning in caught]
+        yield recorded
+    recorded.extend(_picklable(warning) for warning in caught)
 
 
 def _fold_proba(
@@ -784,12 +794,11 @@ def _study_process(
     caller's log)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _recorded_warnings() as caught:
         study = _open_study(open_storage(url, tuning_cfg), study_name, tuning_cfg)
         mine = _run_trials(study, spec, folds, tuning_cfg, n_jobs=1,
                            callbacks=[_stop_when_orphaned(parent)])
-    return mine, time.perf_counter() - start, [_picklable(warning) for warning in caught]
+    return mine, time.perf_counter() - start, caught
 
 
 def _run_studies(
@@ -808,8 +817,7 @@ def _run_studies(
     folds are reported in their order.
     """
     mine, elapsed = dict.fromkeys(opened, 0), dict.fromkeys(opened, 0.0)
-    for study in opened.values():
-        fail_dead_trials(study, tuning_cfg)
+    # (a finished study's dead trials are failed by _finalize's wait for the workers)
     pending = [name for name, study in opened.items()
                if len(_complete(study)) < tuning_cfg["n_trials"]]
     if not pending:  # every trial stored: the folds' selections are not needed
