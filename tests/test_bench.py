@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import psutil
@@ -189,7 +190,7 @@ def test_the_full_scaling_reruns_every_size_small_with_4_trials_and_skipping(
     calls = []
     monkeypatch.setattr(bench_main.bench_scaling, "run",
                         lambda **kwargs: calls.append(kwargs) or {})
-    bench_main._suites(quick=False)["scaling"]()
+    bench_main._suites(False, ExitStack())["scaling"]()
     assert calls == [{"n": (100, 352, 1000, 3000), "large_from": 0, "overrides": (
         "+experiment=fusion", "tuning.n_trials=4", "dataset.on_error=skip")}]  # no known runs
 
@@ -225,14 +226,61 @@ def test_ratios_judge_each_target() -> None:
                         "bf16_fraction_of_peak": (0.8 / 0.75, True)}
 
 
-def test_the_paper_section_runs_cold_and_warm_in_the_full_bench_only(
+def test_e2e_run_runs_twice_in_one_folder_and_names_the_first_run(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    folders = []
+
+    def fake_pipeline(overrides: tuple[str, ...], *, folder: str) -> dict:
+        folders.append(folder)
+        first = len(folders) == 1
+        return {"wall_s": 10.0 if first else 2.0, "peak_rss_mb": 5.0 if first else 7.0,
+                "peak_pss_mb": 3.0, "stages_s": {"sweep": 8.0 if first else 1.0},
+                "peak_rss_mb_by_stage": {}, "excluded_patients": 0}
+
+    monkeypatch.setattr(bench_e2e, "run_pipeline", fake_pipeline)
+    result = bench_e2e.run(overrides=("+experiment=paper",), folder=tmp_path,
+                           first="after_fusion")
+    assert folders == [tmp_path, tmp_path]
+    assert (result["after_fusion_s"], result["warm_s"], result["peak_rss_mb"]) == (10.0, 2.0, 7.0)
+    assert "cold_s" not in result
+    assert (result["stages_s"], result["warm_stages_s"]) == ({"sweep": 8.0}, {"sweep": 1.0})
+    folders.clear()
+    assert bench_e2e.run()["cold_s"] == 10.0
+    assert folders[0] == folders[1] != tmp_path
+    assert not Path(folders[0]).exists()  # a temporary folder of its own, removed
+
+
+def test_the_paper_section_runs_where_the_fusion_runs_left_their_caches_in_the_full_bench_only(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    monkeypatch.setattr(bench_main.bench_e2e, "run",
-                        lambda *, overrides: calls.append(overrides) or {"warm_s": 300.0})
-    assert "paper" not in bench_main._suites(quick=True)
-    result = bench_main._suites(quick=False)["paper"]()
-    assert calls == [("+experiment=paper",)]
+    runs, pipelines = [], []
+
+    def fake_run(*, overrides: tuple[str, ...], folder: str, first: str = "cold") -> dict:
+        runs.append((overrides, folder, first))
+        assert Path(folder).is_dir()
+        return {f"{first}_s": 100.0, "warm_s": 300.0, "stages_s": {"deep_features": 50.0},
+                "warm_stages_s": {"deep_features": 1.0}, "peak_rss_mb": 1.0,
+                "peak_pss_mb": 1.0, "excluded_patients": 0}
+
+    monkeypatch.setattr(bench_main.bench_e2e, "run", fake_run)
+    monkeypatch.setattr(bench_main.bench_e2e, "run_pipeline",
+                        lambda overrides, *, folder: pipelines.append((overrides, folder)))
+    with ExitStack() as scratch:
+        assert "paper" not in bench_main._suites(True, scratch)
+        suites = bench_main._suites(False, scratch)
+        suites["e2e"]()
+        result = suites["paper"]()
+        assert suites["extraction"]()["cached_s"] == 1.0
+        alone = bench_main._suites(False, scratch)  # --only paper: the fusion caches first
+        with pytest.raises(SystemExit, match="--only e2e extraction"):
+            alone["extraction"]()
+        alone["paper"]()
+        folders = [folder for _, folder, _ in runs]
+    assert [(o, f) for o, _, f in runs] == [(("+experiment=fusion",), "cold"),
+                                            (("+experiment=paper",), "after_fusion"),
+                                            (("+experiment=paper",), "after_fusion")]
+    assert folders[0] == folders[1] != folders[2]
+    assert pipelines == [(("+experiment=fusion",), folders[2])]
+    assert not any(Path(f).exists() for f in folders)  # removed when the bench ends
     rows = bench_main.ratios({"paper": result})
     assert [(r["measure"], r["ratio"], r["met"]) for r in rows] == [("warm_s", 1.25, False)]
 
@@ -241,7 +289,7 @@ def test_only_reruns_its_sections_and_keeps_the_others(monkeypatch: pytest.Monke
                                                       tmp_path: Path) -> None:
     suites = {"statistics": lambda: {"delong_ci_s": 0.5},
               "radiomics": lambda: pytest.fail("--only statistics ran radiomics")}
-    monkeypatch.setattr(bench_main, "_suites", lambda quick: suites)
+    monkeypatch.setattr(bench_main, "_suites", lambda quick, scratch: suites)
     (tmp_path / "BENCHMARKS.json").write_text(json.dumps({
         "machine": {"platform": "earlier"}, "radiomics": {"patients": 4},
         "paper": {"warm_s": 40.0},  # a full-bench section, kept though not a suite here

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import SimpleITK as sitk
 from matplotlib.image import imread
 
 from pdl1exp.imaging import qc as qc_module
-from pdl1exp.imaging.measurements import feret_diameter, roi_measurements
+from pdl1exp.imaging.measurements import feret_diameter, roi_measurements, roi_size
 from pdl1exp.imaging.qc import qc_figure, qc_figures
 
 ANISOTROPIC = (0.7, 0.9, 2.5)
@@ -54,6 +55,7 @@ def test_measurements_of_analytic_ellipsoids(semi_axes: tuple[float, float, floa
     spacing = ANISOTROPIC if direction == IDENTITY else ANISOTROPIC[::-1]
     mask = _ellipsoid(semi_axes, size=size, spacing=spacing, direction=direction)
     result = roi_measurements(mask)
+    assert roi_size(mask) == {k: result[k] for k in ("volume_ml", "max_diameter_mm")}
 
     a, b, c = semi_axes
     assert result["volume_ml"] == pytest.approx(4 / 3 * np.pi * a * b * c / 1000, rel=0.03)
@@ -96,9 +98,10 @@ def test_feret_diameter_of_degenerate_shapes() -> None:
     assert feret_diameter(sitk.Image((6, 6), sitk.sitkUInt8)) == 0.0
 
 
-def test_measurements_of_an_empty_mask_fail() -> None:
+@pytest.mark.parametrize("measure", [roi_measurements, roi_size])
+def test_measurements_of_an_empty_mask_fail(measure: Callable[[sitk.Image], dict]) -> None:
     with pytest.raises(ValueError, match="empty"):
-        roi_measurements(sitk.Image((8, 8, 8), sitk.sitkUInt8))
+        measure(sitk.Image((8, 8, 8), sitk.sitkUInt8))
 
 
 def _ct_with(mask: sitk.Image) -> sitk.Image:

@@ -97,6 +97,6 @@ def test_a_rerun_measures_no_roi_again(tiny_cohort: Path, tmp_path: Path) -> Non
     assert set(first["roi_source"]) == {"provided", "seeded"}
     unread = AssertionError("a mask was read or measured again")
     with mock.patch.object(rois_module, "read_image", side_effect=unread), \
-            mock.patch.object(rois_module, "roi_measurements", side_effect=unread):
+            mock.patch.object(rois_module, "roi_size", side_effect=unread):
         again, _ = roi_stage(cfg, cohort)
     pd.testing.assert_frame_equal(again, first)

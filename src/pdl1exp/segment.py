@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from pdl1exp.cli import run_command, user_errors
 from pdl1exp.data.images import read_image
 from pdl1exp.data.manifest import dataset_options, load_cohort
-from pdl1exp.imaging.measurements import roi_measurements
+from pdl1exp.imaging.measurements import roi_size
 from pdl1exp.imaging.qc import qc_figure
 from pdl1exp.imaging.segmentation import SegmentationError
 from pdl1exp.paths import CONFIG_DIR
@@ -65,7 +65,7 @@ def segment_cohort(cfg: DictConfig) -> pd.DataFrame:
                 continue
         path = out / f"{pid}.nii.gz"
         sitk.WriteImage(mask, str(path), useCompression=True)
-        sizes = roi_measurements(mask)
+        sizes = roi_size(mask)
         qc_figure(image, mask, out / f"{pid}.png", window=window,
                   title=f"{pid} ({source}): {sizes['volume_ml']:.2f} ml, "
                         f"{sizes['max_diameter_mm']:.1f} mm")

@@ -216,21 +216,29 @@ def excluded_patients(folder: Path, *, since: float) -> int:
     return len(ids)
 
 
-def run(*, overrides: Sequence[str] = ("+experiment=fusion",)) -> dict[str, Any]:
-    """The experiment cold (every cache empty, the cohort included), then warm (caches kept).
+def run(*, overrides: Sequence[str] = ("+experiment=fusion",), folder: str | Path | None = None,
+        first: str = "cold") -> dict[str, Any]:
+    """The experiment twice in one folder: first cold (every cache empty, the cohort included),
+    or after what ran in ``folder`` before, then warm (every cache of the first run kept).
 
     Args:
         overrides: Hydra overrides of both runs.
+        folder: where both run (:func:`run_pipeline`); None: a new temporary folder.
+        first: the first run's name in the result (``cold``; ``after_fusion`` for a run in
+            the folder of the fusion benchmark's runs, whose cohort, masks and features it
+            finds cached).
 
     Returns:
-        ``cold_s``, ``warm_s``, ``peak_rss_mb`` (the larger of both runs), ``stages_s`` (cold),
-        ``warm_stages_s``, ``peak_rss_mb_warm``, ``peak_rss_mb_by_stage`` and
-        ``excluded_patients`` (cold) and how stages were timed.
+        ``{first}_s``, ``warm_s``, ``peak_rss_mb`` (the larger of both runs), ``stages_s``
+        (first run), ``warm_stages_s``, ``peak_rss_mb_warm``, ``peak_rss_mb_by_stage`` and
+        ``excluded_patients`` (first run) and how stages were timed.
     """
-    with tempfile.TemporaryDirectory(prefix="pdl1exp-bench-") as folder:
+    with ExitStack() as scratch:
+        if folder is None:
+            folder = scratch.enter_context(tempfile.TemporaryDirectory(prefix="pdl1exp-bench-"))
         cold = run_pipeline(overrides, folder=folder)
         warm = run_pipeline(overrides, folder=folder)
-    return {"overrides": list(overrides), "cold_s": round(cold["wall_s"], 1),
+    return {"overrides": list(overrides), f"{first}_s": round(cold["wall_s"], 1),
             "warm_s": round(warm["wall_s"], 1),
             "peak_rss_mb": round(max(cold["peak_rss_mb"], warm["peak_rss_mb"]), 1),
             "peak_rss_mb_warm": round(warm["peak_rss_mb"], 1),

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["feret_diameter", "roi_measurements"]
+__all__ = ["feret_diameter", "roi_measurements", "roi_size"]
 
 
 def feret_diameter(binary: sitk.Image) -> float:
@@ -28,6 +28,30 @@ def _axial_axis(image: sitk.Image) -> int:
     return 2 - int(np.argmax(np.abs(direction[2])))
 
 
+def _shape(mask: sitk.Image) -> tuple[sitk.Image, sitk.LabelShapeStatisticsImageFilter]:
+    """The 0/1 image of the non-zero voxels of ``mask`` and its shape statistics (Feret
+    diameter included); an empty mask raises ValueError."""
+    binary = mask != 0
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.ComputeFeretDiameterOn()
+    shape.Execute(binary)
+    if not shape.HasLabel(1):
+        msg = "the mask is empty: no non-zero voxel to measure"
+        raise ValueError(msg)
+    return binary, shape
+
+
+def _size(shape: sitk.LabelShapeStatisticsImageFilter) -> dict[str, float]:
+    return {"volume_ml": shape.GetPhysicalSize(1) / 1000.0,
+            "max_diameter_mm": float(shape.GetFeretDiameter(1))}
+
+
+def roi_size(mask: sitk.Image) -> dict[str, float]:
+    """``volume_ml`` and ``max_diameter_mm`` of :func:`roi_measurements`, without its
+    per-slice diameters (which take two thirds of its time): what each patient's ROI keeps."""
+    return _size(_shape(mask)[1])
+
+
 def roi_measurements(mask: sitk.Image) -> dict[str, Any]:
     """Volume, diameters, centroid and bounding box of the non-zero voxels of ``mask``.
 
@@ -43,13 +67,7 @@ def roi_measurements(mask: sitk.Image) -> dict[str, Any]:
         (x, y, z physical), ``bbox_index`` (``{"start": (i, j, k), "size": (i, j, k)}``)
         and ``n_voxels``.
     """
-    binary = mask != 0
-    shape = sitk.LabelShapeStatisticsImageFilter()
-    shape.ComputeFeretDiameterOn()
-    shape.Execute(binary)
-    if not shape.HasLabel(1):
-        msg = "roi_measurements: the mask is empty"
-        raise ValueError(msg)
+    binary, shape = _shape(mask)
     bbox = shape.GetBoundingBox(1)
 
     # Axial slices through the tumour: the in-plane Feret diameter of each.
@@ -61,8 +79,7 @@ def roi_measurements(mask: sitk.Image) -> dict[str, Any]:
         cut[axis] = k
         in_plane.append(feret_diameter(binary[tuple(cut)]))
     return {
-        "volume_ml": shape.GetPhysicalSize(1) / 1000.0,
-        "max_diameter_mm": float(shape.GetFeretDiameter(1)),
+        **_size(shape),
         "max_axial_diameter_mm": max(in_plane),
         "centroid_mm": tuple(float(c) for c in shape.GetCentroid(1)),
         "bbox_index": {"start": tuple(bbox[:3]), "size": tuple(bbox[3:])},

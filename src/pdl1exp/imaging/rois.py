@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pdl1exp.data.images import read_image, write_image
 from pdl1exp.data.manifest import Cohort, CohortError, Problem
 from pdl1exp.hashing import content_key
-from pdl1exp.imaging.measurements import roi_measurements
+from pdl1exp.imaging.measurements import roi_size
 from pdl1exp.imaging.segmentation import SegmentationError
 from pdl1exp.memo import code_key, read_memo, write_memo
 
@@ -98,8 +98,7 @@ def _sizes(key: str, path: str | Path, mask: sitk.Image | None, *,
     memo = content_key({"mask": key, "code": code_key("imaging/measurements.py")})
     sizes = read_memo(folder, memo)
     if sizes is None:
-        measured = roi_measurements(mask if mask is not None else read_image(path))
-        sizes = {m: float(measured[m]) for m in ("volume_ml", "max_diameter_mm")}
+        sizes = roi_size(mask if mask is not None else read_image(path))
         write_memo(folder, memo, sizes)
     return sizes
 

@@ -45,7 +45,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from pdl1exp.imaging.measurements import roi_measurements
+from pdl1exp.imaging.measurements import roi_size
 
 __all__ = ["SeededSegmenter", "SegmentationError", "segment_seeded"]
 
@@ -304,7 +304,7 @@ class SeededSegmenter:
         """Raise a leak error when ``tumour`` is bigger than the seed's extent allows."""
         image = sitk.GetImageFromArray(tumour.astype(np.uint8))
         image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
-        size = roi_measurements(image)
+        size = roi_size(image)
         max_diameter = min(self.max_diameter_mm,
                            max(self.min_extent_mm, self.extent_factor * depth))
         if size["volume_ml"] > self.max_volume_ml or size["max_diameter_mm"] > max_diameter:
