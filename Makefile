@@ -39,7 +39,7 @@ lint: $(STAMP) ## ruff check
 	$(BIN)/ruff check src tests
 
 # BENCH_QUICK=1: the subset without the paper section and the 1000/3000-patient scaling runs
-# (24-38 min on 2 cores, by machine; the full bench about 1 h 45 min, 78 min of it scaling).
+# (24-38 min on 2 cores, by machine; the full bench about 65 min, 36 min of it scaling).
 bench: $(STAMP) ## Benchmarks: writes experiments/BENCHMARKS.md and BENCHMARKS.json
 	$(BIN)/python -m pdl1exp.bench $(if $(BENCH_QUICK),--quick) $(ARGS)
 

@@ -10,7 +10,7 @@ machines (24 min on that of experiments/BENCHMARKS.md). The full run adds ``pape
 (``+experiment=paper`` where the e2e runs left the cohort, masks and deep features cached:
 a first run that sweeps, nests and logs from scratch, then a warm one; 6 min) and scales to
 1000 and 3000 patients: 100, 352, 1000 and 3000 at the smaller volumes and 4 trials per
-classifier (its ``overrides`` and ``volumes`` say so; 78 min on a slower machine).
+classifier (its ``overrides`` and ``volumes`` say so; 36 min at 64x64 voxels).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def _suites(quick: bool, scratch: ExitStack) -> dict[str, Callable[[], dict[str,
         if quick:  # the e2e and 240-patient runs, plus one of 100
             return bench_scaling.run(n=(100, 240, 352), overrides=fusion, known=measured)
         # Up to 3000 patients: every size at the smaller volumes and 4 trials per classifier,
-        # so that each exponent compares like with like and the four runs take about 80 min
+        # so that each exponent compares like with like and the four runs take about 36 min
         # on 2 cores (20 trials: the sweep alone would take hours at 3000). A seed whose
         # region leaks excludes its patient (counted under ``excluded``), as a user of
         # thousands would choose.

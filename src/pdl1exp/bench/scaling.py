@@ -41,7 +41,7 @@ def run(
     *,
     n: Sequence[int] = (100, 352, 1000, 3000),
     overrides: Sequence[str] = ("+experiment=fusion",),
-    large: Sequence[str] = ("dataset.generator.shape_xy=[96,96]",
+    large: Sequence[str] = ("dataset.generator.shape_xy=[64,64]",
                             "dataset.generator.z_extent_mm=40.0"),
     large_from: int = 1000,
     known: Mapping[int, Mapping[str, Any]] | None = None,
