@@ -16,6 +16,7 @@ classifier (its ``overrides`` and ``volumes`` say so; 36 min at 64x64 voxels).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -117,14 +118,11 @@ def _suites(quick: bool, scratch: ExitStack) -> dict[str, Callable[[], dict[str,
     run where the e2e runs left their caches. ``scratch`` removes the folders when it closes."""
     fusion = ("+experiment=fusion",)
     measured: dict[int, dict[str, Any]] = {}
-    folders: dict[str, str] = {}
 
+    @functools.cache
     def fusion_folder() -> str:
         """The folder of the fusion runs (e2e), made on first use and kept until the end."""
-        if "fusion" not in folders:
-            folders["fusion"] = scratch.enter_context(
-                tempfile.TemporaryDirectory(prefix="pdl1exp-bench-"))
-        return folders["fusion"]
+        return scratch.enter_context(tempfile.TemporaryDirectory(prefix="pdl1exp-bench-"))
 
     def e2e() -> dict[str, Any]:
         result = bench_e2e.run(overrides=fusion, folder=fusion_folder())
