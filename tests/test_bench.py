@@ -309,6 +309,52 @@ def test_only_reruns_its_sections_and_keeps_the_others(monkeypatch: pytest.Monke
     assert report["machine"]["cpu_capability"]
 
 
+def test_gpu_sections_run_on_a_cuda_machine_and_name_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {}
+    monkeypatch.setattr(bench_main.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_main.torch.cuda, "get_device_name", lambda index=0: "Fake GPU")
+    monkeypatch.setattr(bench_main.bench_backbone, "run",
+                        lambda **kwargs: calls.setdefault("backbone", kwargs) and {"x": 1})
+    monkeypatch.setattr(bench_main.bench_e2e, "run",
+                        lambda **kwargs: calls.setdefault("e2e", kwargs) and {"cold_s": 9.0})
+    with ExitStack() as scratch:
+        suites = bench_main._suites(True, scratch)
+        backbone, e2e = suites["backbone_gpu"](), suites["e2e_gpu"]()
+    assert backbone["machine"].startswith("Fake GPU, ")
+    assert e2e["machine"] == backbone["machine"]
+    assert (backbone["x"], e2e["cold_s"]) == (1, 9.0)
+    assert calls["backbone"]["device"] == "cuda"
+    assert calls["e2e"]["overrides"] == ("+experiment=fusion", "backbone.devices=1")
+    monkeypatch.setattr(bench_main.torch.cuda, "is_available", lambda: False)
+    with ExitStack() as scratch:
+        assert not {"backbone_gpu", "e2e_gpu"} & set(bench_main._suites(True, scratch))
+
+
+def test_merge_adds_another_machines_sections_and_runs_nothing(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    monkeypatch.setattr(bench_main, "_suites", lambda quick, scratch: pytest.fail("ran"))
+    gpu = tmp_path / "gpu.json"
+    with pytest.raises(SystemExit, match="no benchmark report"):
+        bench_main.main(["--merge", str(gpu), "--out", str(tmp_path)])
+    (tmp_path / "BENCHMARKS.json").write_text(json.dumps({
+        "machine": {"platform": "here", "processor": "CPU", "cpu_capability": "AVX2",
+                    "torch_threads": 2, "quick": False},
+        "e2e": {"cold_s": 360.0}, "e2e_gpu": {"machine": "old", "cold_s": 1.0},
+        "targets": []}))
+    gpu.write_text(json.dumps({
+        "machine": {"platform": "there"}, "targets": [],
+        "e2e_gpu": {"machine": "Fake GPU, 16 cores of X", "cold_s": 90.0}}))
+    bench_main.main(["--merge", str(gpu), "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "BENCHMARKS.json").read_text())
+    assert report["machine"]["platform"] == "here"
+    assert report["e2e"] == {"cold_s": 360.0}
+    assert report["e2e_gpu"] == {"machine": "Fake GPU, 16 cores of X", "cold_s": 90.0}
+    assert [(t["measure"], t["met"]) for t in report["targets"]] == [("cold_s", False)]
+    markdown = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "`e2e_gpu` ran on Fake GPU, 16 cores of X." in markdown
+    assert "## e2e_gpu" in markdown
+
+
 @pytest.mark.parametrize("bf16", [True, False])
 def test_backbone_bench_has_the_contract_keys_on_tiny_inputs(
         bf16: bool, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -53,7 +53,9 @@ _TEXT = {
     "scaling": "no stage worse than O(n log n) (exponent ≤ ~1.1) except the classifiers' "
                "training; RSS flat in n for loading/extraction",
     "peer_240": "240 patients: peers 17–21 s extraction + 3–4 min modelling (quoted)",
-    "e2e_gpu": "cold e2e with GPU extraction",
+    "e2e_gpu": "cold e2e with GPU extraction (on a machine with a CUDA GPU)",
+    "backbone_gpu": "ROIs/s of both backbones on a CUDA GPU at a batch that fills it, as a "
+                    "fraction of its measured matmul peak (no target: recorded)",
 }
 # (section, measure) → (target, "max" | "min"): the ratios of the report (value / target).
 TARGETS: dict[tuple[str, str], tuple[float, str]] = {
@@ -177,9 +179,18 @@ def _suites(quick: bool, scratch: ExitStack) -> dict[str, Callable[[], dict[str,
     }
     if not quick:
         suites["paper"] = paper
-    if torch.cuda.is_available():
-        suites["e2e_gpu"] = lambda: bench_e2e.run(overrides=(*fusion, "backbone.devices=1"))
+    if torch.cuda.is_available():  # each GPU section names its machine (merged elsewhere)
+        suites["e2e_gpu"] = lambda: {"machine": _gpu_machine(), **bench_e2e.run(
+            overrides=(*fusion, "backbone.devices=1"))}
+        suites["backbone_gpu"] = lambda: {"machine": _gpu_machine(), **bench_backbone.run(
+            device="cuda", n_images=2048, n_volumes=512, overrides=("backbone.batch_size=256",),
+            overrides_3d=("backbone.batch_size=64",))}
     return suites
+
+
+def _gpu_machine() -> str:
+    """The GPU, cores and CPU of this machine, in words."""
+    return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} cores of {_cpu_model()}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,7 +200,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="no paper section, no 1000/3000-patient scaling runs")
     parser.add_argument("--only", nargs="+", help="run these sections only")
     parser.add_argument("--out", default="experiments", help="folder of BENCHMARKS.*")
+    parser.add_argument("--merge", type=Path, metavar="JSON",
+                        help="add the sections of another machine's BENCHMARKS.json (a GPU "
+                             "machine's backbone_gpu and e2e_gpu) to the report in --out; "
+                             "runs nothing")
     args = parser.parse_args(argv)
+    if args.merge:
+        _merge(Path(args.out), args.merge)
+        return
     logging.basicConfig(level=logging.INFO)
     scratch = ExitStack()
     suites = _suites(args.quick, scratch)
@@ -242,6 +260,21 @@ def _earlier(folder: Path, *, rerun: set[str]) -> dict[str, Any]:
             if name not in {*rerun, "machine", "targets"}}
 
 
+def _merge(folder: Path, other: Path) -> None:
+    """Add ``other``'s sections (a report of another machine, each GPU section naming it
+    under ``machine``) to ``folder``'s report, each replacing the section of that name."""
+    report = folder / "BENCHMARKS.json"
+    for path in (report, other):
+        if not path.is_file():
+            msg = f"--merge: no benchmark report at {path}"
+            raise SystemExit(msg)
+    results = json.loads(report.read_text())
+    results.pop("targets", None)
+    results.update((name, value) for name, value in json.loads(other.read_text()).items()
+                   if name not in {"machine", "targets"})
+    _write(folder, results, quick=results["machine"]["quick"])
+
+
 def _write(folder: Path, results: dict[str, Any], *, quick: bool) -> None:
     """BENCHMARKS.json and BENCHMARKS.md (targets table first) of the sections run so far."""
     targets = ratios(results)
@@ -254,6 +287,8 @@ def _write(folder: Path, results: dict[str, Any], *, quick: bool) -> None:
     earlier = machine.get("sections_from_an_earlier_run")
     kept = (f" Kept from an earlier run, which may have been on another machine: "
             f"{', '.join(earlier)}." if earlier else "")
+    kept += "".join(f" `{name}` ran on {value['machine']}." for name, value in results.items()
+                    if name != "machine" and "machine" in value)
     (folder / "BENCHMARKS.md").write_text(
         f"# Benchmarks\n\nWritten by `make bench` on {machine['platform']}, "
         f"{machine['processor']} ({machine['cpu_capability']}; "
