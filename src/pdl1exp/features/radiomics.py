@@ -202,7 +202,7 @@ def extract_radiomics(rois: pd.DataFrame, *, params: Mapping[str, Any], cache_di
         return RadiomicsExtraction(cached, key, True, [], perturbation)
 
     patient_cache = FeatureCache(Path(cache_dir) / "radiomics")
-    rows: dict[str, pd.DataFrame] = {}
+    rows: dict[str, pd.Series] = {}
     todo = []
     for pid, row in rois.iterrows():
         hit = patient_cache.get(keys[pid])
@@ -211,7 +211,7 @@ def extract_radiomics(rois: pd.DataFrame, *, params: Mapping[str, Any], cache_di
                          "label": label, "params": params, "perturbation": perturbation,
                          "shift_fraction": shift_fraction})
         else:  # another patient with the same files may have written it
-            rows[pid] = hit.set_axis(pd.Index([pid], name="patient_id"))
+            rows[pid] = hit["value"]
     workers = min(_resolve_jobs(n_jobs), max(1, len(todo)))
     log.info("Radiomics (%s): %d patients cached, %d to extract on %d process(es)",
              perturbation or "original", len(rows), len(todo), workers)
@@ -222,13 +222,16 @@ def extract_radiomics(rois: pd.DataFrame, *, params: Mapping[str, Any], cache_di
             if isinstance(result, str):
                 problems.append(Problem(pid, "mask", result))
             else:
-                rows[pid] = pd.DataFrame([result], index=pd.Index([pid], name="patient_id"))
-                patient_cache.put(keys[pid], rows[pid])
+                rows[pid] = pd.Series(result, dtype=float)
+                # A patient's row as one (feature, value) column: as a one-row table of its
+                # hundreds of columns, Parquet took 45 ms a patient against 1 ms.
+                patient_cache.put(keys[pid], rows[pid].rename_axis("feature").to_frame("value"))
             bar.update()
     for problem in problems:
         log.warning("%s", problem)
     order = [pid for pid in rois.index if pid in rows]
-    table = (pd.concat([rows[pid] for pid in order]) if order
+    table = (pd.concat({pid: rows[pid] for pid in order}, axis=1).T  # aligned by feature name
+             .rename_axis(index="patient_id", columns=None) if order
              else pd.DataFrame(index=pd.Index([], name="patient_id")))
     if not problems:
         cohort_cache.put(key, table)
