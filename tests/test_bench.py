@@ -334,19 +334,28 @@ def test_merge_adds_another_machines_sections_and_runs_nothing(monkeypatch: pyte
                                                                tmp_path: Path) -> None:
     monkeypatch.setattr(bench_main, "_suites", lambda quick, scratch: pytest.fail("ran"))
     gpu = tmp_path / "gpu.json"
-    with pytest.raises(SystemExit, match="no benchmark report"):
+    with pytest.raises(SystemExit, match=r"no benchmark report at .*BENCHMARKS\.json"):
         bench_main.main(["--merge", str(gpu), "--out", str(tmp_path)])
     (tmp_path / "BENCHMARKS.json").write_text(json.dumps({
         "machine": {"platform": "here", "processor": "CPU", "cpu_capability": "AVX2",
-                    "torch_threads": 2, "quick": False},
+                    "torch_threads": 2, "quick": False,
+                    "sections_from_an_earlier_run": ["e2e", "e2e_gpu"]},
         "e2e": {"cold_s": 360.0}, "e2e_gpu": {"machine": "old", "cold_s": 1.0},
         "targets": []}))
+    with pytest.raises(SystemExit, match=r"no benchmark report at .*gpu\.json"):
+        bench_main.main(["--merge", str(gpu), "--out", str(tmp_path)])
+    gpu.write_text(json.dumps({  # a whole report of the GPU machine: its CPU sections too
+        "machine": {"platform": "there"}, "targets": [], "e2e": {"cold_s": 100.0},
+        "e2e_gpu": {"machine": "Fake GPU, 16 cores of X", "cold_s": 90.0}}))
+    with pytest.raises(SystemExit, match=r"do not name their machine: \['e2e'\]"):
+        bench_main.main(["--merge", str(gpu), "--out", str(tmp_path)])
     gpu.write_text(json.dumps({
         "machine": {"platform": "there"}, "targets": [],
         "e2e_gpu": {"machine": "Fake GPU, 16 cores of X", "cold_s": 90.0}}))
     bench_main.main(["--merge", str(gpu), "--out", str(tmp_path)])
     report = json.loads((tmp_path / "BENCHMARKS.json").read_text())
     assert report["machine"]["platform"] == "here"
+    assert report["machine"]["sections_from_an_earlier_run"] == ["e2e"]
     assert report["e2e"] == {"cold_s": 360.0}
     assert report["e2e_gpu"] == {"machine": "Fake GPU, 16 cores of X", "cold_s": 90.0}
     assert [(t["measure"], t["met"]) for t in report["targets"]] == [("cold_s", False)]
@@ -360,11 +369,13 @@ def test_backbone_bench_has_the_contract_keys_on_tiny_inputs(
         bf16: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # Forced either way: tiny bf16 inputs run (emulated) on any CPU.
     monkeypatch.setattr(bench_backbone, "cpu_bf16", lambda: bf16)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     result = bench_backbone.run(  # compiling is asked for where it must be skipped
         n_images=2, n_volumes=1, compile_2d=not bf16, matmul_sizes=(64,),
         overrides=("backbone.batch_size=2", "backbone.input_size=[32,32]"),
         overrides_3d=("backbone.batch_size=1", "backbone.input_size=[16,16,16]"))
     assert result["bf16_supported"] is bf16
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32  # the peak's TF32 setting undone
     # as many timed batches as the peak's timings per size, however few images were asked for
     assert result["images_timed"] == 2 * bench_backbone.MIN_TIMED_BATCHES
     assert result["fmcib_3d_images_timed"] == bench_backbone.MIN_TIMED_BATCHES

@@ -402,7 +402,7 @@ def test_a_wall_clock_budget_is_flagged_as_incomparable(tmp_path, caplog):
 
 def test_selection_is_fitted_once_per_fold_and_once_for_every_final_model():
     X, y = table(seed=8, n=90, p=40, n_planted=3)
-    cfg = model_cfg("[lr,knn]", "lasso", n_trials=2, cv_folds=3, n_jobs=1)  # counted here
+    cfg = model_cfg("[lr,knn]", "lasso", n_trials=2, cv_folds=3)
     search = {"selection_cfg": cfg["selection"], "tuning_cfg": cfg["tuning"]}
     original = LassoSelector.fit
     with mock.patch.object(LassoSelector, "fit", autospec=True, side_effect=original) as fit:
@@ -418,29 +418,6 @@ def test_selection_is_fitted_once_per_fold_and_once_for_every_final_model():
     np.testing.assert_array_equal(lr.selected_features_, knn.selected_features_)
 
 
-
-
-def test_folds_selected_side_by_side_in_processes_equal_those_selected_here(caplog, recwarn):
-    """The folds' selections fitted in worker processes are those fitted one after another
-    here, and each fit's solver warnings are one line of this process's log."""
-    X, y = table(seed=6, n=90, p=30, n_planted=3)
-    cfg = model_cfg("lr", "lasso", n_trials=1, cv_folds=3, n_jobs=2)
-    cfg["selection"]["steps"]["lasso"]["max_iter"] = 1  # liblinear stops early: warnings
-    with caplog.at_level(logging.WARNING, logger=tuning_module.__name__):
-        side = prepare_folds(X, y, selection_cfg=cfg["selection"],
-                             tuning_cfg=cfg["tuning"]).folds
-    here = prepare_folds(X, y, selection_cfg=cfg["selection"],
-                         tuning_cfg={**cfg["tuning"], "n_jobs": 1}).folds
-    for a, b in zip(side, here, strict=True):
-        pd.testing.assert_frame_equal(a.X_train, b.X_train)
-        pd.testing.assert_frame_equal(a.X_val, b.X_val)
-        np.testing.assert_array_equal(a.val_index, b.val_index)
-    lines = [r.getMessage() for r in caplog.records
-             if r.getMessage().startswith("feature selection")]
-    assert [line.split(":")[0] for line in lines] == 2 * [  # either way
-        "feature selection, all", *(f"feature selection, fold {k}" for k in range(3))]
-    assert all("solver fits did not converge" in line for line in lines)
-    assert not [w for w in recwarn if issubclass(w.category, ConvergenceWarning)]
 
 
 def test_non_finite_probabilities_stop_the_sweep_with_the_trial_named():

@@ -189,8 +189,9 @@ def _suites(quick: bool, scratch: ExitStack) -> dict[str, Callable[[], dict[str,
 
 
 def _gpu_machine() -> str:
-    """The GPU, cores and CPU of this machine, in words."""
-    return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} cores of {_cpu_model()}"
+    """The GPU the sections run on, the cores available and the CPU, in words."""
+    return (f"{torch.cuda.get_device_name()}, {len(os.sched_getaffinity(0))} cores of "
+            f"{_cpu_model()}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -261,8 +262,12 @@ def _earlier(folder: Path, *, rerun: set[str]) -> dict[str, Any]:
 
 
 def _merge(folder: Path, other: Path) -> None:
-    """Add ``other``'s sections (a report of another machine, each GPU section naming it
-    under ``machine``) to ``folder``'s report, each replacing the section of that name."""
+    """Add ``other``'s GPU sections (a GPU machine's report: each names that machine under
+    ``machine``) to ``folder``'s report, each replacing the section of that name.
+
+    Any other section of ``other`` (its CPU sections, which would replace this machine's
+    under a header naming this one) stops the merge with one error naming them.
+    """
     report = folder / "BENCHMARKS.json"
     for path in (report, other):
         if not path.is_file():
@@ -270,8 +275,18 @@ def _merge(folder: Path, other: Path) -> None:
             raise SystemExit(msg)
     results = json.loads(report.read_text())
     results.pop("targets", None)
-    results.update((name, value) for name, value in json.loads(other.read_text()).items()
-                   if name not in {"machine", "targets"})
+    sections = {name: value for name, value in json.loads(other.read_text()).items()
+                if name not in {"machine", "targets"}}
+    unnamed = sorted(name for name, value in sections.items() if "machine" not in value)
+    if unnamed:
+        msg = (f"--merge: {other} has sections that do not name their machine: {unnamed}; "
+               "run only the GPU sections there (--only e2e_gpu backbone_gpu)")
+        raise SystemExit(msg)
+    results.update(sections)
+    machine = results["machine"]
+    if "sections_from_an_earlier_run" in machine:  # the merged ones are new
+        machine["sections_from_an_earlier_run"] = [
+            name for name in machine["sections_from_an_earlier_run"] if name not in sections]
     _write(folder, results, quick=results["machine"]["quick"])
 
 

@@ -107,10 +107,10 @@ def run(
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """Whether ``device`` has bf16 kernels: :func:`cpu_bf16` on the CPU, CUDA's bf16 check
-    (compute capability 8.0 and later) on a GPU."""
+    """Whether ``device`` has bf16 kernels: :func:`cpu_bf16` on the CPU; on a GPU, compute
+    capability 8.0 (Ampere) or later (earlier ones emulate bf16)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device)[0] >= 8
     return cpu_bf16()
 
 
@@ -193,8 +193,8 @@ def _rois_per_s(module: DeepFeatureExtractor, batch: torch.Tensor, *, n_batches:
                 autocast: bool) -> tuple[float, torch.Tensor, float]:
     """ROIs/s of the fastest of ``n_batches`` timed forwards, the features, the first call's s.
 
-    The first call (untimed in the rate) lets oneDNN or cuDNN pick and cache its kernels, or
-    compiles.
+    The first call (untimed in the rate) lets oneDNN pick and cache its kernels, initialises
+    cuDNN and cuBLAS on a GPU, or compiles.
     """
     device = batch.device
     precision = (torch.autocast(device.type, dtype=torch.bfloat16) if autocast

@@ -131,44 +131,28 @@ class SharedSelection:
     Attributes:
         X: the feature table, one row per patient.
         splits: the stratified CV splits, (train, validation) row positions.
-        selection: the unfitted selection pipeline, its fits cached (:class:`CachedFit`).
+        fit: a fresh selection pipeline fitted on the given rows, and its output on them.
         full: the selection pipeline fitted on all rows (for the final models).
         X_full: ``full``'s output on all rows: the final classifiers' training input.
         y: the 0/1 labels of all rows.
         memory: the cache of fitted selections, which also keeps the final classifiers.
-        n_jobs: worker processes over the folds' selections (-1: one per core).
     """
 
     X: pd.DataFrame
     splits: list[tuple[np.ndarray, np.ndarray]]
-    selection: CachedFit
+    fit: Callable[[np.ndarray, str], tuple[Pipeline, pd.DataFrame]]
     full: Pipeline
     X_full: pd.DataFrame
     y: np.ndarray
     memory: Memory | str | None = None
-    n_jobs: int = 1
 
     @functools.cached_property
     def folds(self) -> list[CVFold]:
-        """The CV folds, each with the selection fitted on its training part only.
-
-        The folds are fitted side by side in up to :attr:`n_jobs` processes (at most one per
-        fold; in this process where joblib would nest threads, which share the warning
-        filters) and each one's solver warnings counted in this process's log: the same
-        folds whatever ``n_jobs`` (LASSO on the fusion features, 2 cores: 5 folds in 3
-        rounds instead of 5).
-        """
-        threads = getattr(get_active_backend(prefer="processes")[0], "uses_threads", False)
-        workers = 1 if threads else min(effective_n_jobs(self.n_jobs), len(self.splits))
-        fits = Parallel(n_jobs=workers, prefer="processes", return_as="generator")(
-            delayed(_fit_recorded)(self.selection, self.X, self.y, train)
-            for train, _ in self.splits)
+        """The CV folds, each with the selection fitted on its training part only."""
         folds = []
-        for k, ((train, val), (selection, X_train, caught)) in enumerate(tqdm(
-                zip(self.splits, fits, strict=True), total=len(self.splits),
-                desc="Feature selection", unit="fold")):
-            with _counted_convergence_warnings(f"feature selection, fold {k}"):
-                replay_warnings(caught)
+        for k, (train, val) in enumerate(tqdm(self.splits, desc="Feature selection",
+                                              unit="fold")):
+            selection, X_train = self.fit(train, f"feature selection, fold {k}")
             folds.append(CVFold(X_train, self.y[train], selection.transform(self.X.iloc[val]),
                                 self.y[val], val))
         return folds
@@ -262,11 +246,10 @@ def prepare_folds(
         tuning_cfg["cv_folds"], shuffle=True, random_state=tuning_cfg["random_state"]
     )
 
-    selection = CachedFit(Pipeline(build_selection(selection_cfg, selection_inputs))
-                          .set_output(transform="pandas"), memory)
-    full, X_full, caught = _fit_recorded(selection, X, y, np.arange(len(y)))
-    with _counted_convergence_warnings("feature selection, all"):
-        replay_warnings(caught)
+    selection = Pipeline(build_selection(selection_cfg, selection_inputs)).set_output(
+        transform="pandas")
+    fit = functools.partial(_fit_rows, CachedFit(selection, memory), X, y)
+    full, X_full = fit(np.arange(len(y)), "feature selection, all")
     splits = list(splitter.split(X, y))
     for k, (_, val) in enumerate(splits):
         if len(np.unique(y[val])) < 2:  # no AUC on this fold
@@ -274,8 +257,7 @@ def prepare_folds(
                    f"(training labels: {int(y.sum())} positive, {int(len(y) - y.sum())} "
                    "negative); use fewer folds or more patients of the rarer class")
             raise ValueError(msg)
-    return SharedSelection(X, splits, selection, full, X_full, y, memory,
-                           n_jobs=tuning_cfg.get("n_jobs", 1))
+    return SharedSelection(X, splits, fit, full, X_full, y, memory)
 
 
 class CachedFit(TransformerMixin, BaseEstimator):
@@ -326,15 +308,15 @@ def _data_key(X: pd.DataFrame, y: np.ndarray) -> str:
     return content_key({"X": frame_digest(X), "y": np.asarray(y).tolist()})
 
 
-def _fit_recorded(
-    selection: CachedFit, X: pd.DataFrame, y: np.ndarray, rows: np.ndarray,
-) -> tuple[Pipeline, pd.DataFrame, list[warnings.WarningMessage]]:
-    """``selection`` fitted on some rows (in any process): the fitted pipeline, its output on
-    those rows and the warnings raised, for the caller to replay (:func:`replay_warnings`)."""
+def _fit_rows(
+    selection: CachedFit, X: pd.DataFrame, y: np.ndarray, rows: np.ndarray, what: str,
+) -> tuple[Pipeline, pd.DataFrame]:
+    """``selection`` fitted on some rows, its solvers' convergence warnings counted as
+    ``what``: the fitted pipeline and its output on those rows."""
     fitted = clone(selection)
-    with _recorded_warnings() as caught:
+    with _counted_convergence_warnings(what):
         out = fitted.fit_transform(X.iloc[rows], y[rows])
-    return fitted.transformer_, out, caught
+    return fitted.transformer_, out
 
 
 def model_code_key() -> str:
