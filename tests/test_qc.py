@@ -169,3 +169,19 @@ def test_qc_figures_are_drawn_once_and_then_served_from_the_cache(
     qc_figures(rois, tmp_path / "run4", **{**options, "window": (350.0, 40.0)})
     assert len(drawn) == 5  # so is every figure in another window
     assert not list((tmp_path / "cache").glob("*.partial*"))
+
+
+def test_qc_figures_drawn_in_worker_processes_are_those_drawn_here(tmp_path: Path) -> None:
+    mask = _ellipsoid((5.0, 4.0, 3.0), size=(33, 33, 13))
+    sitk.WriteImage(_ct_with(mask), str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    rois = pd.DataFrame({"image": str(tmp_path / "ct.nii.gz"),
+                         "mask": str(tmp_path / "mask.nii.gz"), "image_sha": "a",
+                         "mask_key": ["m1", "m2", "m3"], "roi_source": "seeded",
+                         "roi_volume_ml": [0.5, 0.6, 0.7], "roi_max_diameter_mm": 10.0},
+                        index=["P1", "P2", "P3"])
+    options = {"which": "seeded", "window": (1500.0, -600.0), "name": str.lower}
+    here = qc_figures(rois, tmp_path / "here", n_jobs=1, **options)
+    pooled = qc_figures(rois, tmp_path / "pooled", n_jobs=-1, **options)  # one per core
+    assert [p.name for p in pooled] == ["p1.png", "p2.png", "p3.png"]
+    assert [p.read_bytes() for p in pooled] == [p.read_bytes() for p in here]

@@ -32,10 +32,12 @@ def _generator(cfg, root: Path, **changes):
     return instantiate(cfg.dataset.generator, cache_dir=str(root), **{**TINY, **changes})
 
 
-def test_same_seed_same_bytes_other_seed_other_cohort(compose_cfg, tmp_path: Path) -> None:
+def test_same_seed_same_bytes_in_any_workers_other_seed_other_cohort(compose_cfg,
+                                                                      tmp_path: Path) -> None:
     cfg = compose_cfg()
     first = _generator(cfg, tmp_path / "a", n_patients=6).write().parent
-    again = _generator(cfg, tmp_path / "b", n_patients=6).write().parent
+    # rendered in one process per core (n_jobs=-1), the same bytes as in this process
+    again = _generator(cfg, tmp_path / "b", n_patients=6, n_jobs=-1).write().parent
     other = _generator(cfg, tmp_path / "c", n_patients=6, seed=7).write().parent
     assert first.name == again.name != other.name
     assert file_digest(first) == file_digest(again)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
+from joblib import effective_n_jobs
 from pydicom.errors import InvalidDicomError
 
 from pdl1exp.data.dicom_masks import DicomMask, DicomMaskError, open_dicom_mask, rasterise
@@ -398,7 +399,7 @@ def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
         on_error: ``"raise"`` (report all problems in one error) or ``"skip"`` (exclude them).
         air_hu: a seed below this attenuation is rejected as being in air/lung.
         geometry_tolerance_mm: allowed mask/image spacing and origin difference.
-        n_jobs: threads reading images in parallel.
+        n_jobs: threads reading images in parallel (-1: one per available core).
         require_label: False for scoring new patients, whose labels may be unknown (a label
             that is given must still be valid; an absent one becomes -1).
         target: ``dataset.target`` (:mod:`pdl1exp.data.target`); None → label/pdl1_tps.
@@ -510,7 +511,7 @@ def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
         return pid, _checked(pid, image, mask, seed, series_uid, air_hu=air_hu,
                              tolerance_mm=geometry_tolerance_mm, options=options)
 
-    with ThreadPoolExecutor(max(1, n_jobs)) as pool:
+    with ThreadPoolExecutor(effective_n_jobs(n_jobs)) as pool:
         checks = dict(pool.map(check, jobs))
     for record in rows:
         found = checks.get(record["patient_id"]) or _RowCheck([])

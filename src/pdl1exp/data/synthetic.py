@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
+from joblib import effective_n_jobs
 from scipy.special import expit
 from tqdm import tqdm
 
@@ -63,7 +64,8 @@ class SyntheticCohort:
         tumour: the phenotype → phantom mapping (diameter law, margin, texture).
         effects: latent-model coefficients (:mod:`pdl1exp.data.latent`).
         tps_scale: scale of the TPS mapping.
-        n_jobs: worker processes used to render the volumes.
+        n_jobs: worker processes rendering the volumes (-1: one per available core, as in
+            joblib).
     """
 
     def __init__(self, *, n_patients: int, prevalence: float, seed: int, cache_dir: str,
@@ -137,7 +139,8 @@ class SyntheticCohort:
         patients = self._patients(rng, draws, labels, tps)
         jobs = [(staging, patient) for patient in patients]
         rows = []
-        with (ProcessPoolExecutor(self.n_jobs) if self.n_jobs > 1 else nullcontext()) as pool, \
+        workers = min(effective_n_jobs(self.n_jobs), len(jobs))
+        with (ProcessPoolExecutor(workers) if workers > 1 else nullcontext()) as pool, \
                 tqdm(total=len(jobs), unit="patient", desc="Synthetic cohort") as bar:
             written = pool.map(_write_patient, jobs, chunksize=4) if pool else map(
                 _write_patient, jobs)

@@ -12,6 +12,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
+from joblib import effective_n_jobs
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
@@ -143,7 +144,7 @@ def qc_figures(rois: pd.DataFrame, folder: str | Path, *, which: str,
         which: ``all``, ``seeded`` (segmented ROIs only) or ``none``.
         window: CT window (width, level).
         name: patient_id → the name written on the file and the figure (a pseudonym).
-        n_jobs: worker processes.
+        n_jobs: worker processes (-1: one per available core).
         cache_dir: drawn figures, by content key (None: draw every figure).
     """
     chosen = rois if which == "all" else rois[rois["roi_source"] == "seeded"]
@@ -166,11 +167,12 @@ def qc_figures(rois: pd.DataFrame, folder: str | Path, *, which: str,
         targets.append((drawn, target))
         if not drawn.exists():
             jobs.append((row["image"], row["mask"], drawn, window, title))
-    if n_jobs <= 1 or len(jobs) <= 1:
+    workers = min(effective_n_jobs(n_jobs), len(jobs))
+    if workers <= 1:
         for job in jobs:
             _qc_one(*job)
-    elif jobs:
-        with ProcessPoolExecutor(min(n_jobs, len(jobs))) as pool:
+    else:
+        with ProcessPoolExecutor(workers) as pool:
             list(pool.map(_qc_one, *zip(*jobs, strict=True)))
     for drawn, target in targets:
         if drawn != target:

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 import SimpleITK as sitk
 from hydra.utils import instantiate
+from joblib import effective_n_jobs
 from omegaconf import DictConfig, OmegaConf
 
 from pdl1exp.data.images import read_image, write_image
@@ -43,7 +44,7 @@ def prepare_rois(table: pd.DataFrame, *, segmenter: Segmenter | None,
         segmenter: ``(image, seed_mm) -> mask`` or None.
         segmentation_params: everything that changes a segmentation (part of the key).
         mask_dir: where segmented masks go.
-        n_jobs: patients processed in parallel (threads).
+        n_jobs: patients processed in parallel (threads; -1: one per available core).
 
     Returns:
         Index patient_id with ``image``, ``mask``, ``image_sha``, ``mask_key``,
@@ -80,7 +81,7 @@ def prepare_rois(table: pd.DataFrame, *, segmenter: Segmenter | None,
                 "roi_volume_ml": sizes["volume_ml"],
                 "roi_max_diameter_mm": sizes["max_diameter_mm"]}
 
-    with ThreadPoolExecutor(max(1, n_jobs)) as pool:
+    with ThreadPoolExecutor(effective_n_jobs(n_jobs)) as pool:
         results = list(pool.map(one, table.iterrows()))
     problems = [r for r in results if isinstance(r, Problem)]
     rows = [r for r in results if not isinstance(r, Problem)]
