@@ -12,6 +12,7 @@ import pytest
 from pdl1exp.cli import EXIT_USER_ERROR, user_errors
 from pdl1exp.data.manifest import CohortError, Problem
 from pdl1exp.models.tuning import WorkerDone
+from pdl1exp.workers import WorkerCountError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -66,7 +67,9 @@ def test_the_wrapper_sorts_user_errors_bugs_and_finished_workers(capsys) -> None
 
     assert body(None) == "ran"
     cohort = CohortError(Path("cohort.csv"), [Problem("P7", "mask", "empty mask")])
-    for error in (cohort, LookupError("no @candidate"), FileNotFoundError("weights.pt")):
+    workers = WorkerCountError("tracking.qc_jobs=0 means no worker")
+    for error in (cohort, LookupError("no @candidate"), FileNotFoundError("weights.pt"),
+                  workers):
         with pytest.raises(SystemExit) as exit_:
             body(error)
         assert exit_.value.code == EXIT_USER_ERROR

@@ -182,6 +182,6 @@ def test_qc_figures_drawn_in_worker_processes_are_those_drawn_here(tmp_path: Pat
                         index=["P1", "P2", "P3"])
     options = {"which": "seeded", "window": (1500.0, -600.0), "name": str.lower}
     here = qc_figures(rois, tmp_path / "here", n_jobs=1, **options)
-    pooled = qc_figures(rois, tmp_path / "pooled", n_jobs=-1, **options)  # one per core
+    pooled = qc_figures(rois, tmp_path / "pooled", n_jobs=2, **options)  # a pool on any machine
     assert [p.name for p in pooled] == ["p1.png", "p2.png", "p3.png"]
     assert [p.read_bytes() for p in pooled] == [p.read_bytes() for p in here]

@@ -21,6 +21,7 @@ _USER_ERRORS = (
     ("omegaconf.errors", "OmegaConfBaseException"),
     ("mlflow.exceptions", "MlflowException"),
     ("builtins", "FileNotFoundError"),
+    ("pdl1exp.workers", "WorkerCountError"),
 )
 _started = False  # whether a task body began: an earlier SystemExit(1) is Hydra's config error
 

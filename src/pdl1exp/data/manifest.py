@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
-from joblib import effective_n_jobs
 from pydicom.errors import InvalidDicomError
 
 from pdl1exp.data.dicom_masks import DicomMask, DicomMaskError, open_dicom_mask, rasterise
@@ -46,6 +45,7 @@ from pdl1exp.data.series import SERIES_RULES, choose_series, image_series
 from pdl1exp.data.target import DEFAULT_TARGET_NAME, Target
 from pdl1exp.hashing import content_key, file_digest
 from pdl1exp.memo import code_key, read_memo, stat_signature, write_memo
+from pdl1exp.workers import n_workers
 
 __all__ = ["Cohort", "CohortError", "Problem", "dataset_options", "load_cohort", "parse_seed",
            "problems_table"]
@@ -399,7 +399,8 @@ def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
         on_error: ``"raise"`` (report all problems in one error) or ``"skip"`` (exclude them).
         air_hu: a seed below this attenuation is rejected as being in air/lung.
         geometry_tolerance_mm: allowed mask/image spacing and origin difference.
-        n_jobs: threads reading images in parallel (-1: one per available core).
+        n_jobs: threads reading images in parallel (:func:`~pdl1exp.workers.n_workers`:
+            -1 one per core).
         require_label: False for scoring new patients, whose labels may be unknown (a label
             that is given must still be valid; an absent one becomes -1).
         target: ``dataset.target`` (:mod:`pdl1exp.data.target`); None → label/pdl1_tps.
@@ -511,7 +512,7 @@ def load_cohort(path: str | Path, *, tps_cutoff: float = 1.0,
         return pid, _checked(pid, image, mask, seed, series_uid, air_hu=air_hu,
                              tolerance_mm=geometry_tolerance_mm, options=options)
 
-    with ThreadPoolExecutor(effective_n_jobs(n_jobs)) as pool:
+    with ThreadPoolExecutor(n_workers(n_jobs, setting="dataset.validation.n_jobs")) as pool:
         checks = dict(pool.map(check, jobs))
     for record in rows:
         found = checks.get(record["patient_id"]) or _RowCheck([])

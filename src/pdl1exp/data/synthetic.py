@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -24,18 +25,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
-from joblib import effective_n_jobs
 from scipy.special import expit
 from tqdm import tqdm
 
 from pdl1exp.data.latent import HISTOLOGY, STAGES, Draws, LatentModel, eta, rank_auc
 from pdl1exp.data.phantom import Phantom, ScanSpec, TumourSpec, render_ct
+from pdl1exp.workers import n_workers
 
 __all__ = ["GENERATOR_VERSION", "SyntheticCohort"]
 
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "1"
+_CHUNK = 4  # patients handed to a worker at a time
 
 
 class SyntheticCohort:
@@ -64,8 +66,8 @@ class SyntheticCohort:
         tumour: the phenotype → phantom mapping (diameter law, margin, texture).
         effects: latent-model coefficients (:mod:`pdl1exp.data.latent`).
         tps_scale: scale of the TPS mapping.
-        n_jobs: worker processes rendering the volumes (-1: one per available core, as in
-            joblib).
+        n_jobs: worker processes rendering the volumes (:func:`~pdl1exp.workers.n_workers`:
+            -1 one per core).
     """
 
     def __init__(self, *, n_patients: int, prevalence: float, seed: int, cache_dir: str,
@@ -110,7 +112,7 @@ class SyntheticCohort:
             msg = f"dataset.generator.scanners names unknown center(s) {sorted(unknown)}"
             raise ValueError(msg)
         self.cache_dir = Path(cache_dir)
-        self.n_jobs = int(n_jobs)
+        self.n_jobs = n_workers(n_jobs, setting="dataset.generator.n_jobs")
 
     @property
     def key(self) -> str:
@@ -139,10 +141,10 @@ class SyntheticCohort:
         patients = self._patients(rng, draws, labels, tps)
         jobs = [(staging, patient) for patient in patients]
         rows = []
-        workers = min(effective_n_jobs(self.n_jobs), len(jobs))
+        workers = min(self.n_jobs, math.ceil(len(jobs) / _CHUNK))  # a chunk each at least
         with (ProcessPoolExecutor(workers) if workers > 1 else nullcontext()) as pool, \
                 tqdm(total=len(jobs), unit="patient", desc="Synthetic cohort") as bar:
-            written = pool.map(_write_patient, jobs, chunksize=4) if pool else map(
+            written = pool.map(_write_patient, jobs, chunksize=_CHUNK) if pool else map(
                 _write_patient, jobs)
             for row in written:
                 rows.append(row)

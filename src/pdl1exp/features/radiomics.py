@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import multiprocessing
-import os
 import re
 from collections.abc import Mapping
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -33,6 +32,7 @@ from pdl1exp.data.images import checked_files, read_image, trust_checked
 from pdl1exp.data.manifest import CohortError, Problem
 from pdl1exp.features.cache import FeatureCache
 from pdl1exp.hashing import content_key, file_digest
+from pdl1exp.workers import n_workers
 
 __all__ = [
     "PERTURBATIONS",
@@ -164,10 +164,6 @@ def _patient_key(row: pd.Series, spec: Mapping[str, Any]) -> str:
     return content_key({**spec, "image": row["image_sha"], "mask": row["mask_key"]})
 
 
-def _resolve_jobs(n_jobs: int | None) -> int:
-    return len(os.sched_getaffinity(0)) if n_jobs is None else max(1, int(n_jobs))
-
-
 def extract_radiomics(rois: pd.DataFrame, *, params: Mapping[str, Any], cache_dir: str | Path,
                       n_jobs: int | None = None, label: int | None = None,
                       perturbation: str | None = None,
@@ -180,7 +176,8 @@ def extract_radiomics(rois: pd.DataFrame, *, params: Mapping[str, Any], cache_di
         params: a PyRadiomics parameter mapping (``setting``, ``imageType``,
             ``featureClass``), ``cfg.radiomics.params``.
         cache_dir: the feature cache folder.
-        n_jobs: worker processes (None: every available core; 1: in this process).
+        n_jobs: worker processes (:func:`~pdl1exp.workers.n_workers`: None or -1 one per
+            core; 1: in this process).
         label: the mask value of the tumour; None takes every non-zero voxel.
         perturbation: None, or one of :data:`PERTURBATIONS` (ICC replicates, see
             :func:`perturb`).
@@ -212,7 +209,7 @@ def extract_radiomics(rois: pd.DataFrame, *, params: Mapping[str, Any], cache_di
                          "shift_fraction": shift_fraction})
         else:  # another patient with the same files may have written it
             rows[pid] = hit["value"]
-    workers = min(_resolve_jobs(n_jobs), max(1, len(todo)))
+    workers = min(n_workers(n_jobs, setting="radiomics.n_jobs"), max(1, len(todo)))
     log.info("Radiomics (%s): %d patients cached, %d to extract on %d process(es)",
              perturbation or "original", len(rows), len(todo), workers)
     problems = []

@@ -12,13 +12,13 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
-from joblib import effective_n_jobs
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from pdl1exp.data.images import read_image
 from pdl1exp.hashing import content_key, file_digest
 from pdl1exp.imaging.measurements import roi_measurements
+from pdl1exp.workers import n_workers
 
 __all__ = ["qc_figure", "qc_figures"]
 
@@ -131,7 +131,7 @@ def _qc_one(image: str, mask: str, path: Path, window: tuple[float, float], titl
 def qc_figures(rois: pd.DataFrame, folder: str | Path, *, which: str,
                window: tuple[float, float], name: Callable[[str], str],
                n_jobs: int = 1, cache_dir: str | Path | None = None) -> list[Path]:
-    """QC figures of the ROI table into ``folder``, drawn in ``n_jobs`` processes.
+    """QC figures of the ROI table into ``folder``, drawn in worker processes (``n_jobs``).
 
     With ``cache_dir``, each figure is kept there under a key of its inputs (image and mask
     content, window, title, this module's source and matplotlib's version), and a later run
@@ -144,7 +144,7 @@ def qc_figures(rois: pd.DataFrame, folder: str | Path, *, which: str,
         which: ``all``, ``seeded`` (segmented ROIs only) or ``none``.
         window: CT window (width, level).
         name: patient_id → the name written on the file and the figure (a pseudonym).
-        n_jobs: worker processes (-1: one per available core).
+        n_jobs: worker processes (:func:`~pdl1exp.workers.n_workers`: -1 one per core).
         cache_dir: drawn figures, by content key (None: draw every figure).
     """
     chosen = rois if which == "all" else rois[rois["roi_source"] == "seeded"]
@@ -167,7 +167,7 @@ def qc_figures(rois: pd.DataFrame, folder: str | Path, *, which: str,
         targets.append((drawn, target))
         if not drawn.exists():
             jobs.append((row["image"], row["mask"], drawn, window, title))
-    workers = min(effective_n_jobs(n_jobs), len(jobs))
+    workers = min(n_workers(n_jobs, setting="tracking.qc_jobs"), len(jobs))
     if workers <= 1:
         for job in jobs:
             _qc_one(*job)

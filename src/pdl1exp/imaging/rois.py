@@ -11,7 +11,6 @@ from typing import Any
 import pandas as pd
 import SimpleITK as sitk
 from hydra.utils import instantiate
-from joblib import effective_n_jobs
 from omegaconf import DictConfig, OmegaConf
 
 from pdl1exp.data.images import read_image, write_image
@@ -20,6 +19,7 @@ from pdl1exp.hashing import content_key
 from pdl1exp.imaging.measurements import roi_size
 from pdl1exp.imaging.segmentation import SegmentationError
 from pdl1exp.memo import code_key, read_memo, write_memo
+from pdl1exp.workers import n_workers
 
 __all__ = ["prepare_rois", "roi_stage"]
 
@@ -44,7 +44,7 @@ def prepare_rois(table: pd.DataFrame, *, segmenter: Segmenter | None,
         segmenter: ``(image, seed_mm) -> mask`` or None.
         segmentation_params: everything that changes a segmentation (part of the key).
         mask_dir: where segmented masks go.
-        n_jobs: patients processed in parallel (threads; -1: one per available core).
+        n_jobs: patients processed in parallel (threads; :func:`~pdl1exp.workers.n_workers`).
 
     Returns:
         Index patient_id with ``image``, ``mask``, ``image_sha``, ``mask_key``,
@@ -81,7 +81,7 @@ def prepare_rois(table: pd.DataFrame, *, segmenter: Segmenter | None,
                 "roi_volume_ml": sizes["volume_ml"],
                 "roi_max_diameter_mm": sizes["max_diameter_mm"]}
 
-    with ThreadPoolExecutor(effective_n_jobs(n_jobs)) as pool:
+    with ThreadPoolExecutor(n_workers(n_jobs, setting="dataset.validation.n_jobs")) as pool:
         results = list(pool.map(one, table.iterrows()))
     problems = [r for r in results if isinstance(r, Problem)]
     rows = [r for r in results if not isinstance(r, Problem)]
