@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 from hydra import compose, initialize_config_dir
@@ -14,7 +15,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from scipy import ndimage
 
+from pdl1exp import workers
 from pdl1exp.data.phantom import Phantom, ScanSpec, TumourSpec, render_ct
+from pdl1exp.imaging.rois import prepare_rois
 from pdl1exp.imaging.segmentation import SeededSegmenter, SegmentationError, segment_seeded
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -215,3 +218,33 @@ def test_invalid_parameters_are_rejected(change: dict[str, Any],
                                          params: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="SeededSegmenter"):
         SeededSegmenter(**{**params, **change})
+
+
+def test_segmentation_threads_share_the_cores_among_itks_threads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workers, "cpu_count", lambda: 8)
+    image = sitk.Image(16, 16, 8, sitk.sitkInt16)
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    seen: list[int] = []
+
+    def segmenter(ct: sitk.Image, seed: tuple[float, float, float]) -> sitk.Image:
+        seen.append(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())  # what a filter gets
+        mask = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
+        mask.CopyInformation(ct)
+        mask[4:8, 4:8, 2:5] = 1
+        return mask
+
+    table = pd.DataFrame({"image": str(tmp_path / "ct.nii.gz"), "mask": None,
+                          "seed": [(5.0, 5.0, 3.0), (6.0, 6.0, 3.0)], "image_sha": ["a", "b"],
+                          "mask_sha": None}, index=["P1", "P2"])
+    default = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(3)  # a default no share equals
+    try:
+        rois, problems = prepare_rois(table, segmenter=segmenter, segmentation_params={},
+                                      mask_dir=tmp_path / "masks", n_jobs=2)
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 3  # then restored
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(default)
+    assert not problems
+    assert list(rois["roi_source"]) == ["seeded", "seeded"]
+    assert seen == [4, 4]  # 8 cores, 2 threads: 4 ITK threads each

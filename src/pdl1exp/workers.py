@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from joblib import cpu_count
 
-__all__ = ["WorkerCountError", "n_workers"]
+__all__ = ["WorkerCountError", "cores_each", "n_workers"]
 
 
 class WorkerCountError(ValueError):
@@ -33,3 +33,8 @@ def n_workers(n_jobs: int | None, *, setting: str) -> int:
                "or -1 (one per core)")
         raise WorkerCountError(msg)
     return n if n > 0 else max(1, cpu_count() + 1 + n)
+
+
+def cores_each(workers: int) -> int:
+    """The cores each of ``workers`` gets when they share the machine (at least 1)."""
+    return max(1, cpu_count() // workers)
