@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from joblib import cpu_count
 
 from pdl1exp.bench import backbone as bench_backbone
 from pdl1exp.bench import e2e as bench_e2e
@@ -189,9 +190,9 @@ def _suites(quick: bool, scratch: ExitStack) -> dict[str, Callable[[], dict[str,
 
 
 def _gpu_machine() -> str:
-    """The GPU the sections run on, the cores available and the CPU, in words."""
-    return (f"{torch.cuda.get_device_name()}, {len(os.sched_getaffinity(0))} cores of "
-            f"{_cpu_model()}")
+    """The GPU the sections run on, the cores the run's pools count (affinity and cgroup
+    quota, as :mod:`pdl1exp.workers`) and the CPU, in words."""
+    return f"{torch.cuda.get_device_name()}, {cpu_count()} cores of {_cpu_model()}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -287,7 +288,7 @@ def _merge(folder: Path, other: Path) -> None:
     if "sections_from_an_earlier_run" in machine:  # the merged ones are new
         machine["sections_from_an_earlier_run"] = [
             name for name in machine["sections_from_an_earlier_run"] if name not in sections]
-    _write(folder, results, quick=results["machine"]["quick"])
+    _write(folder, results, quick=machine["quick"])
 
 
 def _write(folder: Path, results: dict[str, Any], *, quick: bool) -> None:
