@@ -31,7 +31,16 @@ from sklearn.pipeline import Pipeline
 from pdl1exp.models import tuning as tuning_module
 from pdl1exp.models.classifiers import build_estimator
 from pdl1exp.models.selection import LassoSelector, build_selection
-from pdl1exp.models.tuning import prepare_folds, select_best, sweep, tune_classifier
+from pdl1exp.models.tuning import (
+    SweepJob,
+    WorkerDone,
+    fit_folds,
+    prepare_folds,
+    select_best,
+    sweep,
+    sweeps,
+    tune_classifier,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -402,7 +411,8 @@ def test_a_wall_clock_budget_is_flagged_as_incomparable(tmp_path, caplog):
 
 def test_selection_is_fitted_once_per_fold_and_once_for_every_final_model():
     X, y = table(seed=8, n=90, p=40, n_planted=3)
-    cfg = model_cfg("[lr,knn]", "lasso", n_trials=2, cv_folds=3)
+    # n_jobs=1: the folds' selections are fitted in this process, where the mock counts them
+    cfg = model_cfg("[lr,knn]", "lasso", n_trials=2, cv_folds=3, n_jobs=1)
     search = {"selection_cfg": cfg["selection"], "tuning_cfg": cfg["tuning"]}
     original = LassoSelector.fit
     with mock.patch.object(LassoSelector, "fit", autospec=True, side_effect=original) as fit:
@@ -486,6 +496,74 @@ def test_studies_on_a_shared_storage_run_side_by_side_with_the_same_trials(
     assert [r.getMessage()[:len(counted)] for r in caplog.records
             if r.getMessage().startswith("tuning")] == [counted, counted]  # either way
     assert not [w for w in recwarn if issubclass(w.category, ConvergenceWarning)]
+
+
+def test_folds_fitted_in_worker_processes_equal_the_folds_fitted_here(caplog, recwarn):
+    """Two tables' folds in one pool of 2 processes: the same folds as fitted in this
+    process, each fold's solver warnings counted in one line of this log."""
+    cfg = model_cfg("lr", "lasso", cv_folds=3, n_jobs=2)
+    cfg["selection"]["steps"]["lasso"]["max_iter"] = 1  # every LASSO fit stops early
+    kwargs = {"selection_cfg": cfg["selection"], "tuning_cfg": cfg["tuning"]}
+    tables = [table(seed=seed, n=60, p=12, n_planted=2) for seed in (6, 7)]
+    with caplog.at_level(logging.WARNING, logger=tuning_module.__name__):
+        pooled = fit_folds([prepare_folds(X, y, **kwargs) for X, y in tables], n_jobs=2)
+    counted = [r.getMessage() for r in caplog.records
+               if r.getMessage().startswith("feature selection, fold")]
+    assert len(counted) == 2 * 3
+    assert all("did not converge" in line for line in counted)
+    assert not [w for w in recwarn if issubclass(w.category, ConvergenceWarning)]
+    for (X, y), folds in zip(tables, pooled, strict=True):
+        here = prepare_folds(X, y, **kwargs).folds
+        for fold, expected in zip(folds, here, strict=True):
+            pd.testing.assert_frame_equal(fold.X_train, expected.X_train)
+            pd.testing.assert_frame_equal(fold.X_val, expected.X_val)
+            np.testing.assert_array_equal(fold.val_index, expected.val_index)
+
+
+def test_several_tables_studies_run_in_one_pool_with_the_same_trials(tmp_path):
+    """sweeps() of two feature tables on a storage (their four studies in one pool of worker
+    processes) gives each table what sweep() of it alone, in this process, gives."""
+    cfg = model_cfg("[lr,knn]", "none", n_trials=3, cv_folds=3, n_jobs=2)
+    kwargs = {"classifiers": cfg["classifier"], "selection_cfg": cfg["selection"]}
+    tables = {"a": table(seed=5, n=80, p=12, n_planted=2), "b": table(seed=6, n=70, p=9)}
+    pooled = sweeps([SweepJob(X, y, f"pooled/{key}") for key, (X, y) in tables.items()],
+                    **kwargs, tuning_cfg=cfg["tuning"], storage=f"sqlite:///{tmp_path}/a.db")
+    for (key, (X, y)), results in zip(tables.items(), pooled, strict=True):
+        alone = sweep(X, y, **kwargs, tuning_cfg={**cfg["tuning"], "n_jobs": 1},
+                      storage=f"sqlite:///{tmp_path}/b.db", study_name=f"alone/{key}")
+        for name in ("lr", "knn"):
+            columns = ["number", "value", *alone[name].trials.filter(like="params_").columns]
+            pd.testing.assert_frame_equal(results[name].trials[columns],
+                                          alone[name].trials[columns])
+            np.testing.assert_array_equal(results[name].oof_proba, alone[name].oof_proba)
+            trials = optuna.load_study(study_name=f"pooled/{key}/{name}",
+                                       storage=f"sqlite:///{tmp_path}/a.db").trials
+            assert os.getpid() not in {trial.user_attrs["worker"]["pid"] for trial in trials}
+
+
+def test_a_sweep_another_process_claimed_makes_this_one_a_worker_for_the_rest(tmp_path):
+    """Of several tables, the first whose finalization another process holds gives a
+    WorkerDone naming that process, and every later table one too (this process only ran
+    trials); the tables before it are finalized here."""
+    cfg = model_cfg("lr", "none", n_trials=2, cv_folds=3, n_jobs=1)
+    jobs = [SweepJob(*table(seed=seed, n=50, p=6), f"claimed/{seed}") for seed in (1, 2, 3)]
+    claim = tuning_module._claim
+
+    def held_elsewhere(storage, name, role):
+        return (None, "pid 1 on another host") if name == "claimed/2" else claim(storage, name,
+                                                                                  role)
+
+    with mock.patch.object(tuning_module, "_claim", side_effect=held_elsewhere):
+        first, second, third = sweeps(
+            jobs, classifiers=cfg["classifier"], selection_cfg=cfg["selection"],
+            tuning_cfg=cfg["tuning"], storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert first["lr"].n_trials == 2
+    assert isinstance(second, WorkerDone)
+    assert "claimed/2" in second.summary
+    assert "pid 1 on another host finalizes" in second.summary
+    assert isinstance(third, WorkerDone)
+    assert "another process finalizes" in third.summary
+    assert "lr 2/2 (2 here)" in third.summary  # its trials ran before the claims
 
 
 def test_inside_a_worker_the_studies_run_one_after_another_here(tmp_path):

@@ -25,6 +25,7 @@ from pdl1exp.models.clinical import clinical_pipeline, out_of_fold, signature, s
 from pdl1exp.models.results import Fitted, ModelResult, split_probas
 from pdl1exp.models.tuning import (
     CachedFit,
+    SweepJob,
     TuningResult,
     WorkerDone,
     fit_proba,
@@ -32,7 +33,7 @@ from pdl1exp.models.tuning import (
     replay_warnings,
     select_best,
     study_settings,
-    sweep,
+    sweeps,
 )
 
 __all__ = [
@@ -45,12 +46,9 @@ __all__ = [
 
 
 def image_models(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.Series,
-                 centers: pd.Series, *, classifiers: Mapping[str, Any],
-                 selection: Mapping[str, Any], tuning: Mapping[str, Any],
-                 study_name: str,
-                 selection_inputs: Mapping[str, Mapping[str, Any]] | None = None,
-                 memory: Memory | None = None) -> list[ModelResult]:
-    """Sweep every classifier on one image feature set, refit each on the training split.
+                 centers: pd.Series, results: Mapping[str, TuningResult]) -> list[ModelResult]:
+    """The swept classifiers of one image feature set, each refitted on the training split,
+    as model results: probabilities per split, the CV ones out of fold, and the threshold.
 
     Args:
         feature_set: ``dlr``, ``radiomics`` or ``dlr+radiomics``.
@@ -58,19 +56,9 @@ def image_models(feature_set: str, X: pd.DataFrame, y: pd.Series, splits: pd.Ser
         y: 0/1 labels.
         splits: ``train``/``test``/``external`` per patient.
         centers: center per patient (external splits are reported per center).
-        classifiers: ``cfg.classifier`` as a plain dict.
-        selection: ``cfg.selection`` as a plain dict.
-        tuning: ``cfg.tuning`` as a plain dict.
-        study_name: Optuna study prefix (unique per data and config).
-        selection_inputs: runtime data of the selection steps (ICC replicates, ComBat
-            batches).
-        memory: a cache of fitted selections (:func:`~pdl1exp.models.tuning.fit_memory`).
+        results: the sweep of the training split (:func:`~pdl1exp.models.tuning.sweeps`).
     """
     train = splits.index[splits == "train"]
-    results: dict[str, TuningResult] = sweep(
-        X.loc[train], y.loc[train].to_numpy(), classifiers=classifiers, selection_cfg=selection,
-        tuning_cfg=tuning, storage=tuning["storage"], study_name=study_name,
-        selection_inputs=selection_inputs, memory=memory)
     models = []
     for name, result in results.items():
         model = result.model  # fitted on the training split with the shared selection
@@ -298,22 +286,26 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
     def standard_error(model: ModelResult) -> float:  # of a swept model's tuning CV AUC
         return model.sweep["sweep_cv_auc_fold_sd"] / np.sqrt(folds)
 
-    done: list[str] = []  # sweeps this process only helped with (tuning.role)
-    for feature_set in (f for f in feature_sets if f in features):
-        X = features[feature_set]
-        study = content_key({"features": frame_digest(X.loc[train]), "train": sorted(train),
-                             "labels": y.loc[train].tolist(), "selection": selection,
+    image_sets = [f for f in feature_sets if f in features]
+    labels = y.loc[train].to_numpy()
+    jobs = []
+    for feature_set in image_sets:
+        X = features[feature_set].loc[train]
+        study = content_key({"features": frame_digest(X), "train": sorted(train),
+                             "labels": labels.tolist(), "selection": selection,
                              "classifiers": classifiers, "code": model_code_key(),
                              "tuning": study_settings(tuning)})
-        try:
-            models = image_models(feature_set, X, y, splits, centers, classifiers=classifiers,
-                                  selection=selection, tuning=tuning,
-                                  study_name=f"{study_prefix}/{feature_set}/{study}",
-                                  selection_inputs=selection_inputs, memory=memory)
-        except WorkerDone as worker:  # another process finalizes: help on the next set
-            done.append(str(worker))
-            tuning = {**tuning, "role": "worker"}
+        jobs.append(SweepJob(X, labels, f"{study_prefix}/{feature_set}/{study}",
+                             selection_inputs))
+    # Every image feature set's studies run in one pool (no core waits for a set's slowest)
+    outcomes = sweeps(jobs, classifiers=classifiers, selection_cfg=selection, tuning_cfg=tuning,
+                      storage=tuning["storage"], memory=memory) if jobs else []
+    done: list[str] = []  # sweeps this process only helped with (tuning.role)
+    for feature_set, outcome in zip(image_sets, outcomes, strict=True):
+        if isinstance(outcome, WorkerDone):  # another process finalizes
+            done.append(str(outcome))
             continue
+        models = image_models(feature_set, features[feature_set], y, splits, centers, outcome)
         fitted.models.extend(models)
         fitted.chosen[feature_set] = select_best(models, rule=tuning["choice"],
                                                  standard_error=standard_error)

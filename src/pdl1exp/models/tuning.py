@@ -17,7 +17,7 @@ import sqlite3
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,10 +53,12 @@ __all__ = [
     "CVFold",
     "CachedFit",
     "SharedSelection",
+    "SweepJob",
     "TrialSeededSampler",
     "TuningResult",
     "WorkerDone",
     "fail_dead_trials",
+    "fit_folds",
     "fit_memory",
     "fit_proba",
     "model_code_key",
@@ -66,6 +68,7 @@ __all__ = [
     "select_best",
     "study_settings",
     "sweep",
+    "sweeps",
     "tune_classifier",
 ]
 
@@ -125,8 +128,9 @@ class CVFold:
 class SharedSelection:
     """The selection fitted once per CV fold and once on all rows, shared by every classifier.
 
-    The folds' selections are fitted on first use of :attr:`folds`: a sweep whose trials are
-    all stored (with their out-of-fold probabilities) never needs them.
+    The folds' selections are fitted on first use of :attr:`folds` (or by :func:`fit_folds`,
+    in worker processes): a sweep whose trials are all stored (with their out-of-fold
+    probabilities) never needs them.
 
     Attributes:
         X: the feature table, one row per patient.
@@ -140,7 +144,7 @@ class SharedSelection:
 
     X: pd.DataFrame
     splits: list[tuple[np.ndarray, np.ndarray]]
-    fit: Callable[[np.ndarray, str], tuple[Pipeline, pd.DataFrame]]
+    fit: Callable[[np.ndarray], tuple[Pipeline, pd.DataFrame]]
     full: Pipeline
     X_full: pd.DataFrame
     y: np.ndarray
@@ -149,13 +153,17 @@ class SharedSelection:
     @functools.cached_property
     def folds(self) -> list[CVFold]:
         """The CV folds, each with the selection fitted on its training part only."""
-        folds = []
-        for k, (train, val) in enumerate(tqdm(self.splits, desc="Feature selection",
-                                              unit="fold")):
-            selection, X_train = self.fit(train, f"feature selection, fold {k}")
-            folds.append(CVFold(X_train, self.y[train], selection.transform(self.X.iloc[val]),
-                                self.y[val], val))
-        return folds
+        return fit_folds([self], n_jobs=1)[0]
+
+    def fold(self, k: int) -> tuple[CVFold, list[warnings.WarningMessage]]:
+        """CV fold ``k`` with the selection fitted on its training part, and the warnings
+        raised (picklable: a worker process returns them for :func:`replay_warnings`)."""
+        train, val = self.splits[k]
+        with _recorded_warnings() as caught:
+            selection, X_train = self.fit(train)
+            fold = CVFold(X_train, self.y[train], selection.transform(self.X.iloc[val]),
+                          self.y[val], val)
+        return fold, caught
 
     def final_model(self, estimator: ClassifierMixin) -> Pipeline:
         """Selection + classifier fitted on all rows, without refitting the selection.
@@ -249,7 +257,8 @@ def prepare_folds(
     selection = Pipeline(build_selection(selection_cfg, selection_inputs)).set_output(
         transform="pandas")
     fit = functools.partial(_fit_rows, CachedFit(selection, memory), X, y)
-    full, X_full = fit(np.arange(len(y)), "feature selection, all")
+    with _counted_convergence_warnings("feature selection, all"):
+        full, X_full = fit(np.arange(len(y)))
     splits = list(splitter.split(X, y))
     for k, (_, val) in enumerate(splits):
         if len(np.unique(y[val])) < 2:  # no AUC on this fold
@@ -309,14 +318,35 @@ def _data_key(X: pd.DataFrame, y: np.ndarray) -> str:
 
 
 def _fit_rows(
-    selection: CachedFit, X: pd.DataFrame, y: np.ndarray, rows: np.ndarray, what: str,
+    selection: CachedFit, X: pd.DataFrame, y: np.ndarray, rows: np.ndarray,
 ) -> tuple[Pipeline, pd.DataFrame]:
-    """``selection`` fitted on some rows, its solvers' convergence warnings counted as
-    ``what``: the fitted pipeline and its output on those rows."""
+    """``selection`` fitted on some rows: the fitted pipeline and its output on those rows."""
     fitted = clone(selection)
-    with _counted_convergence_warnings(what):
-        out = fitted.fit_transform(X.iloc[rows], y[rows])
+    out = fitted.fit_transform(X.iloc[rows], y[rows])
     return fitted.transformer_, out
+
+
+def fit_folds(selections: Sequence[SharedSelection], n_jobs: int) -> list[list[CVFold]]:
+    """The CV folds of every selection (:attr:`SharedSelection.folds`), the folds not yet
+    fitted spread over up to ``n_jobs`` worker processes (-1: one per core), in one pool
+    whatever the number of selections; each fold's convergence warnings counted in one line.
+    """
+    todo = [(selection, k) for selection in selections if "folds" not in vars(selection)
+            for k in range(len(selection.splits))]
+    workers = 1 if not todo or _nested_threads() else min(effective_n_jobs(n_jobs), len(todo))
+    fitted = Parallel(n_jobs=workers, prefer="processes", return_as="generator")(
+        delayed(selection.fold)(k) for selection, k in todo)
+    folds: dict[int, list[CVFold]] = collections.defaultdict(list)
+    for (selection, k), (fold, caught) in zip(
+            todo, tqdm(fitted, total=len(todo), desc="Feature selection", unit="fold"),
+            strict=True):
+        with _counted_convergence_warnings(f"feature selection, fold {k}"):
+            replay_warnings(caught)
+        folds[id(selection)].append(fold)
+    for selection in selections:
+        if id(selection) in folds:  # functools.cached_property's cache: the instance dict
+            vars(selection)["folds"] = folds[id(selection)]
+    return [selection.folds for selection in selections]
 
 
 def model_code_key() -> str:
@@ -801,49 +831,59 @@ def _study_process(
     return mine, time.perf_counter() - start, caught
 
 
-def _run_studies(
-    opened: Mapping[str, optuna.Study], specs: Mapping[str, Mapping[str, Any]],
-    selection: SharedSelection, tuning_cfg: Mapping[str, Any], url: str | None,
-) -> tuple[dict[str, int], dict[str, float]]:
-    """Every study's trials: how many this process completed, and the wall time, per study.
+def _nested_threads() -> bool:
+    """Whether joblib would run "processes" as threads here: inside a worker process (a
+    multirun job) it nests threads, which would share this process's warning filters, which
+    every study and fold replaces."""
+    return getattr(get_active_backend(prefer="processes")[0], "uses_threads", False)
 
-    Studies on a storage that processes share run side by side, one per worker process
-    (``tuning.n_jobs``), each trial's folds one after another: both cores stay busy through
-    Optuna's own work between trials and through a trial's last fold, which a trial's folds
-    spread over the processes left to one. Otherwise (one worker, one study, an in-memory
-    storage, or inside a worker process) they run one after another here, each trial's
-    folds in the workers.
+
+def _run_studies(
+    sweeps: Sequence[_Sweep], opened: Sequence[Mapping[str, optuna.Study]],
+    tuning_cfg: Mapping[str, Any], url: str | None,
+) -> tuple[list[dict[str, int]], list[dict[str, float]]]:
+    """The trials of every sweep's studies: how many this process completed, and the wall
+    time, per sweep and study.
+
+    The folds of every sweep that still has trials to run are fitted first, in one pool.
+    Studies on a storage that processes share then run side by side, one per worker process
+    (``tuning.n_jobs``), every sweep's in one pool, each trial's folds one after another:
+    the cores stay busy through Optuna's own work between trials and through the slowest
+    study of a feature table, which its studies alone would leave to one core. Otherwise
+    (one worker, one study, an in-memory storage, or inside a worker process) they run one
+    after another here, each trial's folds in the workers.
     Either way a study's trials are the same: its sampler reads its own trials only, and the
     folds are reported in their order.
     """
-    mine, elapsed = dict.fromkeys(opened, 0), dict.fromkeys(opened, 0.0)
+    mine = [dict.fromkeys(studies, 0) for studies in opened]
+    elapsed = [dict.fromkeys(studies, 0.0) for studies in opened]
     # (a finished study's dead trials are failed by _finalize's wait for the workers)
-    pending = [name for name, study in opened.items()
+    pending = [(i, name) for i, studies in enumerate(opened)
+               for name, study in studies.items()
                if len(_complete(study)) < tuning_cfg["n_trials"]]
     if not pending:  # every trial stored: the folds' selections are not needed
         return mine, elapsed
-    folds = selection.folds  # fitted once, here, for every study
+    needed = sorted({i for i, _ in pending})  # fitted once, here, for every study
+    folds = dict(zip(needed, fit_folds([sweeps[i].selection for i in needed],
+                                       tuning_cfg["n_jobs"]), strict=True))
     workers = min(effective_n_jobs(tuning_cfg["n_jobs"]), len(pending))
-    # In a worker process (a multirun job) joblib nests threads, not processes: threads
-    # would share this process's warning filters, which every study replaces.
-    threads = getattr(get_active_backend(prefer="processes")[0], "uses_threads", False)
-    if url is None or workers < 2 or threads:
-        for name in pending:
+    if url is None or workers < 2 or _nested_threads():
+        for i, name in pending:
             start = time.perf_counter()
             with _counted_convergence_warnings(f"tuning {name}"):
-                mine[name] = _run_trials(opened[name], specs[name], folds, tuning_cfg,
-                                         tuning_cfg["n_jobs"])
-            elapsed[name] = time.perf_counter() - start
+                mine[i][name] = _run_trials(opened[i][name], sweeps[i].studies[name][0],
+                                            folds[i], tuning_cfg, tuning_cfg["n_jobs"])
+            elapsed[i][name] = time.perf_counter() - start
         return mine, elapsed
     done = Parallel(n_jobs=workers, prefer="processes", batch_size=1)(
-        delayed(_study_process)(_absolute(url), opened[name].study_name, specs[name], folds,
-                                tuning_cfg, os.getpid())
-        for name in pending
+        delayed(_study_process)(_absolute(url), opened[i][name].study_name,
+                                sweeps[i].studies[name][0], folds[i], tuning_cfg, os.getpid())
+        for i, name in pending
     )
-    for name, (count, seconds, caught) in zip(pending, done, strict=True):
+    for (i, name), (count, seconds, caught) in zip(pending, done, strict=True):
         with _counted_convergence_warnings(f"tuning {name}"):
             replay_warnings(caught)
-        mine[name], elapsed[name] = count, seconds
+        mine[i][name], elapsed[i][name] = count, seconds
     return mine, elapsed
 
 
@@ -944,51 +984,92 @@ def _finalize(
     )
 
 
+@dataclass(frozen=True)
+class SweepJob:
+    """One feature table to sweep the classifiers on (:func:`sweeps`).
+
+    Attributes:
+        X: training feature table, one row per patient.
+        y: 0/1 labels.
+        study_name: prefix; each classifier's study is ``<study_name>/<classifier>``, and
+            the sweep's finalization claim is ``study_name``.
+        selection_inputs: runtime data of the selection steps (``build_selection``).
+        selection: from :func:`prepare_folds` on the same ``X``, ``y``; computed when
+            omitted.
+    """
+
+    X: pd.DataFrame
+    y: np.ndarray
+    study_name: str
+    selection_inputs: Mapping[str, Mapping[str, Any]] | None = None
+    selection: SharedSelection | None = None
+
+
+@dataclass(frozen=True)
+class _Sweep:
+    """A sweep as :func:`_tune` runs it: its studies (name -> (spec, study name)), its claim
+    and its prepared selection."""
+
+    X: pd.DataFrame
+    y: np.ndarray
+    studies: Mapping[str, tuple[Mapping[str, Any], str]]
+    claim: str
+    selection: SharedSelection
+    selection_inputs: Mapping[str, Mapping[str, Any]] | None
+
+
 def _tune(
-    X: pd.DataFrame,
-    y: np.ndarray,
-    *,
-    studies: Mapping[str, tuple[Mapping[str, Any], str]],
-    claim: str,
-    selection_cfg: Mapping[str, Any],
-    tuning_cfg: Mapping[str, Any],
-    storage: str | None,
-    selection: SharedSelection | None,
-    selection_inputs: Mapping[str, Mapping[str, Any]] | None = None,
+    jobs: Sequence[tuple[SweepJob, Mapping[str, tuple[Mapping[str, Any], str]], str]], *,
+    selection_cfg: Mapping[str, Any], tuning_cfg: Mapping[str, Any], storage: str | None,
     memory: Memory | str | None = None,
-) -> dict[str, TuningResult]:
-    """Run the trials of every study (name -> (spec, study name)), then finalize or not."""
-    y = _check_xy(X, y)
+) -> list[dict[str, TuningResult] | WorkerDone]:
+    """Run the trials of every job's studies (job, name -> (spec, study name), claim) at
+    once, then finalize each job in turn, or not: a job another process claimed, and every
+    later one, gives its :class:`WorkerDone` (this process then only helped with trials)."""
     role = _check_role(tuning_cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if selection is None:
-        selection = prepare_folds(X, y, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg,
-                                  selection_inputs=selection_inputs, memory=memory)
+    prepared = []
+    for job, studies, claim in jobs:
+        y = _check_xy(job.X, job.y)
+        selection = job.selection if job.selection is not None else prepare_folds(
+            job.X, y, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg,
+            selection_inputs=job.selection_inputs, memory=memory)
+        prepared.append(_Sweep(job.X, y, studies, claim, selection, job.selection_inputs))
     rdb = open_storage(storage, tuning_cfg)
-    opened = {name: _open_study(rdb, study_name, tuning_cfg)
-              for name, (_, study_name) in studies.items()}
-    mine, elapsed = _run_studies(opened, {name: spec for name, (spec, _) in studies.items()},
-                                 selection, tuning_cfg, storage)
-    won, holder = (None, "this worker") if role == "worker" else _claim(rdb, claim, role)
-    if holder is not None:
-        done = ", ".join(
-            f"{name} {len(_complete(study))}/{tuning_cfg['n_trials']} ({mine[name]} here)"
-            for name, study in opened.items()
-        )
-        finalizer = "another process" if holder == "this worker" else holder
-        msg = f"sweep {claim!r}: trials complete: {done}; {finalizer} finalizes"
-        raise WorkerDone(msg)
-    results = {
-        name: _finalize(
-            study, X, name=name, spec=studies[name][0], selection_cfg=selection_cfg,
-            tuning_cfg=tuning_cfg, selection=selection, shared=rdb is not None,
-            selection_inputs=selection_inputs,
-            elapsed_s=elapsed[name],
-        )
-        for name, study in opened.items()
-    }
-    _release(rdb, won)
-    return results
+    opened = [{name: _open_study(rdb, study_name, tuning_cfg)
+               for name, (_, study_name) in sweep.studies.items()} for sweep in prepared]
+    mine, elapsed = _run_studies(prepared, opened, tuning_cfg, storage)
+    outcomes: list[dict[str, TuningResult] | WorkerDone] = []
+    for sweep, studies, counts, seconds in zip(prepared, opened, mine, elapsed, strict=True):
+        won, holder = (None, "this worker") if role == "worker" else _claim(rdb, sweep.claim,
+                                                                              role)
+        if holder is not None:
+            done = ", ".join(
+                f"{name} {len(_complete(study))}/{tuning_cfg['n_trials']} ({counts[name]} here)"
+                for name, study in studies.items()
+            )
+            finalizer = "another process" if holder == "this worker" else holder
+            outcomes.append(WorkerDone(
+                f"sweep {sweep.claim!r}: trials complete: {done}; {finalizer} finalizes"))
+            role = "worker"  # another process finalizes: help with the rest, claim none
+            continue
+        outcomes.append({
+            name: _finalize(
+                study, sweep.X, name=name, spec=sweep.studies[name][0],
+                selection_cfg=selection_cfg, tuning_cfg=tuning_cfg, selection=sweep.selection,
+                shared=rdb is not None, selection_inputs=sweep.selection_inputs,
+                elapsed_s=seconds[name],
+            )
+            for name, study in studies.items()
+        })
+        _release(rdb, won)
+    return outcomes
+
+
+def _outcome(outcome: dict[str, TuningResult] | WorkerDone) -> dict[str, TuningResult]:
+    if isinstance(outcome, WorkerDone):
+        raise outcome
+    return outcome
 
 
 def tune_classifier(
@@ -1039,11 +1120,47 @@ def tune_classifier(
     Raises:
         WorkerDone: this process only ran trials (see ``tuning.role``).
     """
+    job = SweepJob(X, y, study_name, selection_inputs, selection)
+    return _outcome(_tune([(job, {name: (spec, study_name)}, study_name)],
+                          selection_cfg=selection_cfg, tuning_cfg=tuning_cfg,
+                          storage=storage)[0])[name]
+
+
+def sweeps(
+    jobs: Sequence[SweepJob],
+    *,
+    classifiers: Mapping[str, Mapping[str, Any]],
+    selection_cfg: Mapping[str, Any],
+    tuning_cfg: Mapping[str, Any],
+    storage: str | None,
+    memory: Memory | str | None = None,
+) -> list[dict[str, TuningResult] | WorkerDone]:
+    """Tune every classifier on each job's feature table; fit each best one on all of it.
+
+    The selection is fitted once per fold and once on all rows of each table and shared by
+    every classifier and trial; each result's ``model`` is ready to predict. Every job's
+    trials run before any finalization: on a ``storage``, all the jobs' studies run side by
+    side in ``tuning.n_jobs`` worker processes, with the same trials as one after another.
+    Then each job is finalized in turn under its own claim (see :func:`tune_classifier` for
+    ``tuning.role``); a job another process claimed, and every later one, gives a
+    :class:`WorkerDone` instead of results.
+
+    Args:
+        jobs: the feature tables (with labels and study names).
+        classifiers: ``cfg.classifier`` (name -> spec).
+        selection_cfg: ``cfg.selection``.
+        tuning_cfg: ``cfg.tuning``.
+        storage: Optuna RDB URL or ``None``.
+        memory: a joblib cache of the fitted selections (:func:`fit_memory`), or None.
+
+    Returns:
+        Per job, classifier name -> result, or the :class:`WorkerDone` of a job this
+        process only ran trials for.
+    """
     return _tune(
-        X, y, studies={name: (spec, study_name)}, claim=study_name,
-        selection_cfg=selection_cfg, tuning_cfg=tuning_cfg, storage=storage,
-        selection=selection, selection_inputs=selection_inputs,
-    )[name]
+        [(job, {name: (spec, f"{job.study_name}/{name}") for name, spec in classifiers.items()},
+          job.study_name) for job in jobs],
+        selection_cfg=selection_cfg, tuning_cfg=tuning_cfg, storage=storage, memory=memory)
 
 
 def sweep(
@@ -1059,13 +1176,7 @@ def sweep(
     memory: Memory | str | None = None,
     selection: SharedSelection | None = None,
 ) -> dict[str, TuningResult]:
-    """Tune every classifier on the same CV folds and fit each best one on all of ``X``.
-
-    The selection is fitted once per fold and once on all of ``X`` and shared by every
-    classifier and trial; each result's ``model`` is ready to predict. On a ``storage`` the
-    classifiers' studies run side by side in ``tuning.n_jobs`` worker processes, with the
-    same trials as one after another. Every classifier's trials run before the one
-    finalization claim of the sweep (see :func:`tune_classifier` for ``tuning.role``).
+    """:func:`sweeps` of one feature table.
 
     Args:
         X: training feature table.
@@ -1083,11 +1194,9 @@ def sweep(
     Raises:
         WorkerDone: this process only ran trials (see ``tuning.role``).
     """
-    return _tune(
-        X, y, studies={name: (spec, f"{study_name}/{name}") for name, spec in classifiers.items()},
-        claim=study_name, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg, storage=storage,
-        selection=selection, selection_inputs=selection_inputs, memory=memory,
-    )
+    return _outcome(sweeps([SweepJob(X, y, study_name, selection_inputs, selection)],
+                           classifiers=classifiers, selection_cfg=selection_cfg,
+                           tuning_cfg=tuning_cfg, storage=storage, memory=memory)[0])
 
 
 def select_best(results: Iterable[T], *, rule: str = "best",
