@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from pdl1exp.data import phantom as phantoms
@@ -18,6 +19,7 @@ from pdl1exp.data.phantom import (
     HU,
     ScanSpec,
     TumourSpec,
+    _distance_inside,
     _grid,
     _near_segment,
     _tumour_box,
@@ -123,6 +125,26 @@ def test_a_phantom_computed_in_boxes_is_the_whole_volume_phantom(spec: TumourSpe
         np.testing.assert_array_equal(phantom.ct, whole.ct)
         np.testing.assert_array_equal(phantom.mask, whole.mask)
         assert phantom.seed_mm == whole.seed_mm
+
+
+def test_the_distance_inside_a_mask_equals_the_whole_volumes_transform() -> None:
+    """Computed in the mask's box: the same values as scipy's transform of the whole volume,
+    for blobs inside the volume or cut by its faces, anisotropic voxels, and no mask."""
+    rng = np.random.default_rng(3)
+    sampling = np.array([1.5, 0.7, 0.9])
+    shape = (20, 30, 26)
+    masks = [np.zeros(shape, dtype=bool), np.ones(shape, dtype=bool)]
+    for _ in range(6):
+        blobs = ndimage.gaussian_filter(rng.standard_normal(shape), 2.0)
+        lo = [rng.integers(0, n // 2) for n in shape]
+        hi = [rng.integers(n // 2 + 1, n + 1) for n in shape]
+        mask = np.zeros(shape, dtype=bool)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        mask[box] = blobs[box] > -0.05
+        masks.append(mask)
+    for mask in masks:
+        np.testing.assert_array_equal(_distance_inside(mask, sampling),
+                                      ndimage.distance_transform_edt(mask, sampling=sampling))
 
 
 def test_near_segment_matches_the_distance_by_projection() -> None:

@@ -210,7 +210,7 @@ def _tumour_centre(lung: np.ndarray, mediastinum: np.ndarray, x: np.ndarray, y: 
                    rng: np.random.Generator) -> np.ndarray:
     """A centre whose tumour lies inside the lung, or abuts the pleura or mediastinum."""
     sampling = _spacing_zyx(x, y, z)
-    inside = ndimage.distance_transform_edt(lung, sampling=sampling)
+    inside = _distance_inside(lung, sampling)
     if spec.location == "pleural":
         # Centre about 0.8 r from the pleura: the tumour touches and flattens on the wall.
         candidates = np.abs(inside - 0.8 * radius) < 0.75
@@ -230,6 +230,22 @@ def _tumour_centre(lung: np.ndarray, mediastinum: np.ndarray, x: np.ndarray, y: 
         idx = np.flatnonzero(inside == inside.max())
     pick = idx[rng.integers(idx.size)]
     return np.array([x.flat[pick], y.flat[pick], z.flat[pick]], dtype=np.float32)
+
+
+def _distance_inside(mask: np.ndarray, sampling: np.ndarray) -> np.ndarray:
+    """``distance_transform_edt(mask)``, computed in the mask's bounding box widened by one
+    voxel: the same values (a voxel's nearest background voxel is never farther than the
+    box's background rim, which clamping a farther one onto the box reaches), in about half
+    the time of the whole volume's transform."""
+    out = np.zeros(mask.shape)
+    if not mask.any():
+        return out
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(int(hit[0]) - 1, 0), int(hit[-1]) + 2))
+    out[tuple(box)] = ndimage.distance_transform_edt(mask[tuple(box)], sampling=sampling)
+    return out
 
 
 def _spacing_zyx(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
