@@ -9,8 +9,8 @@ whatever the cohort size, by machine), so the quick subset takes 24-38 min on 2-
 machines (24 min on that of experiments/BENCHMARKS.md). The full run adds ``paper``
 (``+experiment=paper`` where the e2e runs left the cohort, masks and deep features cached:
 a first run that sweeps, nests and logs from scratch, then a warm one; 6 min) and scales to
-1000 and 3000 patients: 100, 352, 1000 and 3000 at the smaller volumes and 4 trials per
-classifier (its ``overrides`` and ``volumes`` say so; 36 min at 64x64 voxels).
+1000 and 3000 patients: 100, 352, 1000 and 3000 at the smaller volumes and 2 trials per
+classifier (its ``overrides`` and ``volumes`` say so).
 """
 
 from __future__ import annotations
@@ -154,14 +154,15 @@ def _suites(quick: bool, scratch: ExitStack) -> dict[str, Callable[[], dict[str,
     def scaling() -> dict[str, Any]:
         if quick:  # the e2e and 240-patient runs, plus one of 100
             return bench_scaling.run(n=(100, 240, 352), overrides=fusion, known=measured)
-        # Up to 3000 patients: every size at the smaller volumes and 4 trials per classifier,
-        # so that each exponent compares like with like and the four runs take about 36 min
-        # on 2 cores (20 trials: the sweep alone would take hours at 3000). A seed whose
-        # region leaks excludes its patient (counted under ``excluded``), as a user of
-        # thousands would choose.
+        # Up to 3000 patients: every size at the smaller volumes and 2 trials per classifier,
+        # so that each exponent compares like with like (the classifiers' training, the
+        # one cost exempt from the O(n log n) bound, is a trial budget times a fit: 20
+        # trials would take hours at 3000, 4 took 5 of the 15 min of the 3000-patient run
+        # on 2 cores). A seed whose region leaks excludes its patient (counted under
+        # ``excluded``), as a user of thousands would choose.
         return bench_scaling.run(
             n=(100, 352, 1000, 3000),
-            overrides=(*fusion, "tuning.n_trials=4", "dataset.on_error=skip"), large_from=0)
+            overrides=(*fusion, "tuning.n_trials=2", "dataset.on_error=skip"), large_from=0)
 
     def extraction() -> dict[str, Any]:
         """The e2e runs' deep-feature stage: cold, then from the cache (warm run)."""
