@@ -190,7 +190,7 @@ def _trials(root: Path, prefix: str) -> dict[str, int]:
 def test_kill_during_the_sweep_resumes_the_studies(smoke_store, tmp_path: Path) -> None:
     """Killed once the first feature set's sweep is finalized (its claim held by the dead
     process): the rerun runs none of its trials again and takes the claim over."""
-    _kill_at(tmp_path, _log_has(tmp_path, r"\] - lr: cv_auc="),
+    _kill_at(tmp_path, _log_has(tmp_path, r"\] - dlr/lr: cv_auc="),
              "the first sweep was finalized")
     swept = _trials(tmp_path, "smoke/dlr/")
     assert swept

@@ -500,24 +500,40 @@ def test_studies_on_a_shared_storage_run_side_by_side_with_the_same_trials(
 
 def test_folds_fitted_in_worker_processes_equal_the_folds_fitted_here(caplog, recwarn):
     """Two tables' folds in one pool of 2 processes: the same folds as fitted in this
-    process, each fold's solver warnings counted in one line of this log."""
+    process, each fold's solver warnings counted in one line of this log naming its table."""
     cfg = model_cfg("lr", "lasso", cv_folds=3, n_jobs=2)
     cfg["selection"]["steps"]["lasso"]["max_iter"] = 1  # every LASSO fit stops early
     kwargs = {"selection_cfg": cfg["selection"], "tuning_cfg": cfg["tuning"]}
     tables = [table(seed=seed, n=60, p=12, n_planted=2) for seed in (6, 7)]
     with caplog.at_level(logging.WARNING, logger=tuning_module.__name__):
-        pooled = fit_folds([prepare_folds(X, y, **kwargs) for X, y in tables], n_jobs=2)
-    counted = [r.getMessage() for r in caplog.records
-               if r.getMessage().startswith("feature selection, fold")]
-    assert len(counted) == 2 * 3
+        pooled = fit_folds([prepare_folds(X, y, **kwargs) for X, y in tables], n_jobs=2,
+                           labels=["a", "b"])
+    counted = [r.getMessage() for r in caplog.records if "feature selection, fold" in
+               r.getMessage()]
+    assert [line[:line.index(":", 3)] for line in counted] == [
+        f"{label}: feature selection, fold {k}" for label in "ab" for k in range(3)]
     assert all("did not converge" in line for line in counted)
     assert not [w for w in recwarn if issubclass(w.category, ConvergenceWarning)]
     for (X, y), folds in zip(tables, pooled, strict=True):
         here = prepare_folds(X, y, **kwargs).folds
         for fold, expected in zip(folds, here, strict=True):
-            pd.testing.assert_frame_equal(fold.X_train, expected.X_train)
-            pd.testing.assert_frame_equal(fold.X_val, expected.X_val)
+            pd.testing.assert_frame_equal(fold.X_train, expected.X_train, check_exact=True)
+            pd.testing.assert_frame_equal(fold.X_val, expected.X_val, check_exact=True)
             np.testing.assert_array_equal(fold.val_index, expected.val_index)
+
+
+def test_a_selection_given_twice_is_fitted_once_and_inside_a_worker_here():
+    """The same selection twice: its folds fitted once, both entries given them. Where joblib
+    would nest threads (a multirun job's worker process), the folds are fitted here."""
+    cfg = model_cfg("lr", "lasso", cv_folds=3, n_jobs=2)
+    selection = prepare_folds(*table(seed=6, n=60, p=12, n_planted=2),
+                              selection_cfg=cfg["selection"], tuning_cfg=cfg["tuning"])
+    with parallel_config(backend="threading"), \
+            mock.patch.object(tuning_module, "Parallel", wraps=Parallel) as pool:
+        first, second = fit_folds([selection, selection], n_jobs=2)
+    assert pool.call_args.kwargs["n_jobs"] == 1
+    assert first is second is selection.folds
+    assert len(first) == 3
 
 
 def test_several_tables_studies_run_in_one_pool_with_the_same_trials(tmp_path):

@@ -41,6 +41,7 @@ STAGES: tuple[tuple[str, str, str], ...] = (
     ("pdl1exp.pipeline", "_deep_features", "deep_features"),
     ("pdl1exp.pipeline", "radiomics_stage", "radiomics"),
     ("pdl1exp.models.tuning", "prepare_folds", "selection"),
+    ("pdl1exp.models.tuning", "fit_folds", "selection"),
     ("pdl1exp.pipeline", "fit_feature_sets", "sweep"),
     ("pdl1exp.pipeline", "_nested", "nested_cv"),
     ("pdl1exp.pipeline", "evaluate", "evaluation"),

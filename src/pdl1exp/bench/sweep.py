@@ -12,7 +12,7 @@ import pandas as pd
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pdl1exp.models.tuning import prepare_folds, select_best, sweep
+from pdl1exp.models.tuning import fit_folds, prepare_folds, select_best, sweep
 from pdl1exp.paths import CONFIG_DIR
 
 __all__ = ["run"]
@@ -101,7 +101,7 @@ def run(
 
     start = time.perf_counter()
     selection = prepare_folds(X, y, selection_cfg=plain["selection"], tuning_cfg=plain["tuning"])
-    selection.folds  # noqa: B018 - fits the folds' selections (else the sweep would)
+    fit_folds([selection], plain["tuning"]["n_jobs"])  # as the sweep would, in its pool
     selection_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         results = sweep(X, y, classifiers=plain["classifier"], selection_cfg=plain["selection"],

@@ -15,10 +15,13 @@ from pdl1exp.models.selection import (
 from pdl1exp.models.tuning import (
     CVFold,
     SharedSelection,
+    SweepJob,
     TuningResult,
+    fit_folds,
     prepare_folds,
     select_best,
     sweep,
+    sweeps,
     tune_classifier,
 )
 
@@ -29,15 +32,18 @@ __all__ = [
     "NearZeroVarianceFilter",
     "SelectionFallbackWarning",
     "SharedSelection",
+    "SweepJob",
     "TuningResult",
     "UnivariateFilter",
     "build_estimator",
     "build_pipeline",
     "build_selection",
+    "fit_folds",
     "prepare_folds",
     "select_best",
     "suggest_params",
     "sweep",
+    "sweeps",
     "tune_classifier",
     "univariate_auc",
 ]

@@ -296,7 +296,7 @@ def fit_feature_sets(table: pd.DataFrame, features: Mapping[str, pd.DataFrame],
                              "classifiers": classifiers, "code": model_code_key(),
                              "tuning": study_settings(tuning)})
         jobs.append(SweepJob(X, labels, f"{study_prefix}/{feature_set}/{study}",
-                             selection_inputs))
+                             selection_inputs, label=feature_set))
     # Every image feature set's studies run in one pool (no core waits for a set's slowest)
     outcomes = sweeps(jobs, classifiers=classifiers, selection_cfg=selection, tuning_cfg=tuning,
                       storage=tuning["storage"], memory=memory) if jobs else []

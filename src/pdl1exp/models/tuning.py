@@ -103,8 +103,9 @@ def study_settings(tuning_cfg: Mapping[str, Any]) -> dict[str, Any]:
 class WorkerDone(Exception):  # noqa: N818 - an outcome, not an error
     """A sweep process ran its share of the trials and another one finalizes.
 
-    Raised by :func:`sweep` / :func:`tune_classifier` with ``tuning.role=worker``, or with
-    ``role=auto`` when another process claimed the finalization first. The entry point
+    Raised by :func:`sweep` / :func:`tune_classifier` (returned per table by :func:`sweeps`)
+    with ``tuning.role=worker``, or with ``role=auto`` when another process claimed the
+    finalization first. The entry point
     prints ``summary`` (one line) and exits with status 0.
     """
 
@@ -326,27 +327,40 @@ def _fit_rows(
     return fitted.transformer_, out
 
 
-def fit_folds(selections: Sequence[SharedSelection], n_jobs: int) -> list[list[CVFold]]:
+def fit_folds(selections: Sequence[SharedSelection], n_jobs: int,
+              labels: Sequence[str | None] | None = None) -> list[list[CVFold]]:
     """The CV folds of every selection (:attr:`SharedSelection.folds`), the folds not yet
     fitted spread over up to ``n_jobs`` worker processes (-1: one per core), in one pool
-    whatever the number of selections; each fold's convergence warnings counted in one line.
+    whatever the number of selections; each fold's convergence warnings counted in one line,
+    which names its selection's entry of ``labels`` (if any).
     """
-    todo = [(selection, k) for selection in selections if "folds" not in vars(selection)
+    named = dict(zip(map(id, selections), labels or [None] * len(selections), strict=True))
+    unique = list({id(selection): selection for selection in selections}.values())
+    todo = [(selection, k) for selection in unique if "folds" not in vars(selection)
             for k in range(len(selection.splits))]
     workers = 1 if not todo or _nested_threads() else min(effective_n_jobs(n_jobs), len(todo))
     fitted = Parallel(n_jobs=workers, prefer="processes", return_as="generator")(
         delayed(selection.fold)(k) for selection, k in todo)
     folds: dict[int, list[CVFold]] = collections.defaultdict(list)
-    for (selection, k), (fold, caught) in zip(
-            todo, tqdm(fitted, total=len(todo), desc="Feature selection", unit="fold"),
-            strict=True):
-        with _counted_convergence_warnings(f"feature selection, fold {k}"):
-            replay_warnings(caught)
-        folds[id(selection)].append(fold)
-    for selection in selections:
+    try:
+        for (selection, k), (fold, caught) in zip(
+                todo, tqdm(fitted, total=len(todo), desc="Feature selection", unit="fold"),
+                strict=True):
+            with _counted_convergence_warnings(
+                    _labelled(named[id(selection)], f"feature selection, fold {k}")):
+                replay_warnings(caught)
+            folds[id(selection)].append(fold)
+    finally:  # the pool's results collected even on an error here (as in _objective)
+        collections.deque(fitted, maxlen=0)
+    for selection in unique:
         if id(selection) in folds:  # functools.cached_property's cache: the instance dict
             vars(selection)["folds"] = folds[id(selection)]
     return [selection.folds for selection in selections]
+
+
+def _labelled(label: str | None, what: str) -> str:
+    """``what`` of the feature table ``label`` names, for the log: ``dlr: tuning rf``."""
+    return f"{label}: {what}" if label else what
 
 
 def model_code_key() -> str:
@@ -863,14 +877,15 @@ def _run_studies(
                if len(_complete(study)) < tuning_cfg["n_trials"]]
     if not pending:  # every trial stored: the folds' selections are not needed
         return mine, elapsed
-    needed = sorted({i for i, _ in pending})  # fitted once, here, for every study
+    needed = sorted({i for i, _ in pending})  # each table's folds, fitted for all its studies
     folds = dict(zip(needed, fit_folds([sweeps[i].selection for i in needed],
-                                       tuning_cfg["n_jobs"]), strict=True))
+                                       tuning_cfg["n_jobs"],
+                                       [sweeps[i].job.label for i in needed]), strict=True))
     workers = min(effective_n_jobs(tuning_cfg["n_jobs"]), len(pending))
     if url is None or workers < 2 or _nested_threads():
         for i, name in pending:
             start = time.perf_counter()
-            with _counted_convergence_warnings(f"tuning {name}"):
+            with _counted_convergence_warnings(_labelled(sweeps[i].job.label, f"tuning {name}")):
                 mine[i][name] = _run_trials(opened[i][name], sweeps[i].studies[name][0],
                                             folds[i], tuning_cfg, tuning_cfg["n_jobs"])
             elapsed[i][name] = time.perf_counter() - start
@@ -881,7 +896,7 @@ def _run_studies(
         for i, name in pending
     )
     for (i, name), (count, seconds, caught) in zip(pending, done, strict=True):
-        with _counted_convergence_warnings(f"tuning {name}"):
+        with _counted_convergence_warnings(_labelled(sweeps[i].job.label, f"tuning {name}")):
             replay_warnings(caught)
         mine[i][name], elapsed[i][name] = count, seconds
     return mine, elapsed
@@ -930,8 +945,10 @@ def _finalize(
     selection_cfg: Mapping[str, Any], tuning_cfg: Mapping[str, Any],
     selection: SharedSelection, shared: bool, elapsed_s: float,
     selection_inputs: Mapping[str, Mapping[str, Any]] | None = None,
+    label: str | None = None,
 ) -> TuningResult:
-    """Best of the first ``tuning.n_trials`` completed trials, refitted on all of ``X``.
+    """Best of the first ``tuning.n_trials`` completed trials, refitted on all of ``X``
+    (``label``: the table's name in the log).
 
     Workers finishing together may complete a few trials beyond the budget: those are left
     out, so every classifier is chosen from the same number of trials.
@@ -957,13 +974,13 @@ def _finalize(
         )
     best = max(complete, key=lambda trial: trial.value)  # ties: the earliest, as Optuna's
     best_estimator = build_estimator(spec, best.params)
-    with _counted_convergence_warnings(f"refitting {name}"):
+    with _counted_convergence_warnings(_labelled(label, f"refitting {name}")):
         oof = _best_oof(best, best_estimator, selection)
         model = selection.final_model(best_estimator)
     n_pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
     logger.info(
         "%s: cv_auc=%.3f, %d complete trials (+%d pruned), %.1f s",
-        name,
+        f"{label}/{name}" if label else name,
         best.value,
         len(complete),
         n_pruned,
@@ -996,6 +1013,8 @@ class SweepJob:
         selection_inputs: runtime data of the selection steps (``build_selection``).
         selection: from :func:`prepare_folds` on the same ``X``, ``y``; computed when
             omitted.
+        label: names the table in the log (e.g. its feature set), as several tables' lines
+            come together.
     """
 
     X: pd.DataFrame
@@ -1003,19 +1022,18 @@ class SweepJob:
     study_name: str
     selection_inputs: Mapping[str, Mapping[str, Any]] | None = None
     selection: SharedSelection | None = None
+    label: str | None = None
 
 
 @dataclass(frozen=True)
 class _Sweep:
-    """A sweep as :func:`_tune` runs it: its studies (name -> (spec, study name)), its claim
+    """A job as :func:`_tune` runs it: its studies (name -> (spec, study name)), its claim
     and its prepared selection."""
 
-    X: pd.DataFrame
-    y: np.ndarray
+    job: SweepJob
     studies: Mapping[str, tuple[Mapping[str, Any], str]]
     claim: str
     selection: SharedSelection
-    selection_inputs: Mapping[str, Mapping[str, Any]] | None
 
 
 def _tune(
@@ -1034,7 +1052,7 @@ def _tune(
         selection = job.selection if job.selection is not None else prepare_folds(
             job.X, y, selection_cfg=selection_cfg, tuning_cfg=tuning_cfg,
             selection_inputs=job.selection_inputs, memory=memory)
-        prepared.append(_Sweep(job.X, y, studies, claim, selection, job.selection_inputs))
+        prepared.append(_Sweep(job, studies, claim, selection))
     rdb = open_storage(storage, tuning_cfg)
     opened = [{name: _open_study(rdb, study_name, tuning_cfg)
                for name, (_, study_name) in sweep.studies.items()} for sweep in prepared]
@@ -1055,10 +1073,10 @@ def _tune(
             continue
         outcomes.append({
             name: _finalize(
-                study, sweep.X, name=name, spec=sweep.studies[name][0],
+                study, sweep.job.X, name=name, spec=sweep.studies[name][0],
                 selection_cfg=selection_cfg, tuning_cfg=tuning_cfg, selection=sweep.selection,
-                shared=rdb is not None, selection_inputs=sweep.selection_inputs,
-                elapsed_s=seconds[name],
+                shared=rdb is not None, selection_inputs=sweep.job.selection_inputs,
+                elapsed_s=seconds[name], label=sweep.job.label,
             )
             for name, study in studies.items()
         })
