@@ -4,13 +4,12 @@
 those sections and keeps the others of an existing report (listed under ``machine`` as from
 an earlier run). ``--quick`` (what
 ``make bench BENCH_QUICK=1`` passes) keeps the scaling to 100, 240 and the e2e 352-patient
-cold run (no 1000/3000). Each cold run is dominated by the sweep (2-6 min on 2 cores
-whatever the cohort size, by machine), so the quick subset takes 24-38 min on 2-core
-machines (24 min on that of experiments/BENCHMARKS.md). The full run adds ``paper``
+cold run (no 1000/3000): its sections but scaling and paper took 9 min of the full run's
+34 on the 2-core machine of experiments/BENCHMARKS.md. The full run adds ``paper``
 (``+experiment=paper`` where the e2e runs left the cohort, masks and deep features cached:
-a first run that sweeps, nests and logs from scratch, then a warm one; 6 min) and scales to
+a first run that sweeps, nests and logs from scratch, then a warm one; 3 min) and scales to
 1000 and 3000 patients: 100, 352, 1000 and 3000 at the smaller volumes and 2 trials per
-classifier (its ``overrides`` and ``volumes`` say so).
+classifier (its ``overrides`` and ``volumes`` say so; 21 min, 13 of them at 3000).
 """
 
 from __future__ import annotations
