@@ -134,6 +134,24 @@ def test_qc_figure_is_written_with_physical_aspect(tmp_path: Path) -> None:
         assert height / across == pytest.approx(1.0, rel=0.15)
 
 
+def test_qc_figure_scale_bars_measure_millimetres(tmp_path: Path) -> None:
+    # A 20 mm sphere: in every panel, its outline's width over the scale bar's length is
+    # 20 mm over the bar's length in mm, one of 1, 2, 5, 10, 20, 50 ... mm.
+    mask = _ellipsoid((10.0, 10.0, 10.0), size=(65, 65, 25), spacing=(0.8, 0.8, 2.5))
+    png = imread(qc_figure(_ct_with(mask), mask, tmp_path / "p1.png", dpi=80))
+    width = png.shape[1]
+    for panel in range(3):
+        third = png[:, panel * width // 3:(panel + 1) * width // 3, :3]
+        red = np.argwhere(_red(third))
+        diameter_px = red[:, 1].max() - red[:, 1].min() + 1
+        below = (third[red[:, 0].max() + 1:] < 0.1).all(axis=-1)  # black, under the tumour
+        edges = [np.flatnonzero(np.diff(np.r_[0, row, 0])) for row in below.astype(int)]
+        bar_px = max((e[1::2] - e[::2]).max(initial=0) for e in edges)  # longest black run
+        bar_mm = 20.0 * bar_px / diameter_px
+        nice = np.array([m * 10.0 ** e for e in range(3) for m in (1, 2, 5)])
+        assert np.abs(nice / bar_mm - 1).min() < 0.12, (panel, bar_mm)
+
+
 def test_qc_figure_rejects_a_mask_on_another_grid(tmp_path: Path) -> None:
     mask = _ellipsoid((5.0, 5.0, 5.0), size=(33, 33, 13))
     other = _ellipsoid((5.0, 5.0, 5.0), size=(33, 33, 13), spacing=(0.8, 0.9, 2.5))
