@@ -185,14 +185,15 @@ def test_scaling_runs_each_unknown_size_cold_with_the_large_overrides_from_large
     assert result["volumes"] == {"default": [100], "smaller (small=1)": [1000, 10000]}
 
 
-def test_the_full_scaling_reruns_every_size_small_with_2_trials_and_skipping(
+def test_the_full_scaling_reruns_every_size_small_with_2_trials_3_folds_and_skipping(
         monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     monkeypatch.setattr(bench_main.bench_scaling, "run",
                         lambda **kwargs: calls.append(kwargs) or {})
     bench_main._suites(False, ExitStack())["scaling"]()
     assert calls == [{"n": (100, 352, 1000, 3000), "large_from": 0, "overrides": (
-        "+experiment=fusion", "tuning.n_trials=2", "dataset.on_error=skip")}]  # no known runs
+        "+experiment=fusion", "tuning.n_trials=2", "tuning.cv_folds=3",
+        "dataset.on_error=skip")}]  # no known runs
 
 
 def test_excluded_patients_counts_distinct_ids_of_this_runs_tables(tmp_path: Path) -> None:

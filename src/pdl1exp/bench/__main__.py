@@ -8,8 +8,8 @@ cold run (no 1000/3000): its sections but scaling and paper took 9 min of the fu
 34 on the 2-core machine of experiments/BENCHMARKS.md. The full run adds ``paper``
 (``+experiment=paper`` where the e2e runs left the cohort, masks and deep features cached:
 a first run that sweeps, nests and logs from scratch, then a warm one; 3 min) and scales to
-1000 and 3000 patients: 100, 352, 1000 and 3000 at the smaller volumes and 2 trials per
-classifier (its ``overrides`` and ``volumes`` say so; 21 min, 13 of them at 3000).
+1000 and 3000 patients: 100, 352, 1000 and 3000 at the smaller volumes, 2 trials per
+classifier and 3 CV folds (its ``overrides`` and ``volumes`` say so).
 """
 
 from __future__ import annotations
@@ -153,15 +153,19 @@ def _suites(quick: bool, scratch: ExitStack) -> dict[str, Callable[[], dict[str,
     def scaling() -> dict[str, Any]:
         if quick:  # the e2e and 240-patient runs, plus one of 100
             return bench_scaling.run(n=(100, 240, 352), overrides=fusion, known=measured)
-        # Up to 3000 patients: every size at the smaller volumes and 2 trials per classifier,
-        # so that each exponent compares like with like (the classifiers' training, the
-        # one cost exempt from the O(n log n) bound, is a trial budget times a fit: 20
-        # trials would take hours at 3000, 4 took 5 of the 15 min of the 3000-patient run
-        # on 2 cores). A seed whose region leaks excludes its patient (counted under
-        # ``excluded``), as a user of thousands would choose.
+        # Up to 3000 patients: every size at the smaller volumes, 2 trials per classifier
+        # and 3 CV folds, so that each exponent compares like with like and the section fits
+        # make bench's 30 min on 2 cores. Both are constant factors at every n: the
+        # classifiers' training (exempt from the O(n log n) bound) is a trial budget times a
+        # fit, and the folds multiply the sweep's selections and the combined model's
+        # cross-fit (its 5 x 6 LASSO refits per signature were most of the 3000-patient
+        # sweep); the e2e and peer_240 runs time the default 20 trials and 5 folds. A seed
+        # whose region leaks excludes its patient (counted under ``excluded``), as a user of
+        # thousands would choose.
         return bench_scaling.run(
-            n=(100, 352, 1000, 3000),
-            overrides=(*fusion, "tuning.n_trials=2", "dataset.on_error=skip"), large_from=0)
+            n=(100, 352, 1000, 3000), large_from=0,
+            overrides=(*fusion, "tuning.n_trials=2", "tuning.cv_folds=3",
+                       "dataset.on_error=skip"))
 
     def extraction() -> dict[str, Any]:
         """The e2e runs' deep-feature stage: cold, then from the cache (warm run)."""
