@@ -39,7 +39,7 @@ lint: $(STAMP) ## ruff check
 	$(BIN)/ruff check src tests
 
 # BENCH_QUICK=1: the subset without the paper section and the 1000/3000-patient scaling runs
-# (24-38 min on 2 cores, by machine; the full bench about 65 min, 36 min of it scaling).
+# (about 11 min on 2 cores; the full bench 30 min, 17 of them scaling: experiments/BENCHMARKS.md).
 bench: $(STAMP) ## Benchmarks: writes experiments/BENCHMARKS.md and BENCHMARKS.json
 	$(BIN)/python -m pdl1exp.bench $(if $(BENCH_QUICK),--quick) $(ARGS)
 

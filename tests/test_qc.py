@@ -116,7 +116,7 @@ def _red(png: np.ndarray) -> np.ndarray:
 
 
 def test_qc_figure_is_written_with_physical_aspect(tmp_path: Path) -> None:
-    # A sphere on 0.8 x 0.8 x 2.5 mm voxels: drawn in mm, its contours are round.
+    # A sphere on 0.8 x 0.8 x 2.5 mm voxels: drawn in mm, its outlines are round.
     mask = _ellipsoid((10.0, 10.0, 10.0), size=(65, 65, 25), spacing=(0.8, 0.8, 2.5))
     path = qc_figure(_ct_with(mask), mask, tmp_path / "qc" / "p1.png", title="case 1",
                      figsize_in=(12.0, 4.0), dpi=80)
@@ -129,7 +129,7 @@ def test_qc_figure_is_written_with_physical_aspect(tmp_path: Path) -> None:
     width = png.shape[1]
     for panel in range(3):
         red = np.argwhere(_red(png[:, panel * width // 3:(panel + 1) * width // 3]))
-        assert len(red) > 0, f"no contour in panel {panel}"
+        assert len(red) > 0, f"no outline in panel {panel}"
         height, across = red.max(0) - red.min(0)
         assert height / across == pytest.approx(1.0, rel=0.15)
 
@@ -147,9 +147,52 @@ def test_qc_figure_scale_bars_measure_millimetres(tmp_path: Path) -> None:
         below = (third[red[:, 0].max() + 1:] < 0.1).all(axis=-1)  # black, under the tumour
         edges = [np.flatnonzero(np.diff(np.r_[0, row, 0])) for row in below.astype(int)]
         bar_px = max((e[1::2] - e[::2]).max(initial=0) for e in edges)  # longest black run
-        bar_mm = 20.0 * bar_px / diameter_px
-        nice = np.array([m * 10.0 ** e for e in range(3) for m in (1, 2, 5)])
-        assert np.abs(nice / bar_mm - 1).min() < 0.12, (panel, bar_mm)
+        # Every panel shows 52 mm across: the longest bar within a third of it is 10 mm.
+        assert 20.0 * bar_px / diameter_px == pytest.approx(10.0, rel=0.08), panel
+
+
+def test_qc_figure_puts_anterior_and_superior_at_the_top(tmp_path: Path) -> None:
+    # The sphere moved 8 voxels anterior (LPS y down) and 4 superior (z up): its outline
+    # lies above the middle of every plane, and left of it in the sagittal one (anterior
+    # on the left, as the axial plane's columns run right to left).
+    sphere = _ellipsoid((10.0, 10.0, 10.0), size=(65, 65, 25), spacing=(0.8, 0.8, 2.5))
+    moved = sitk.GetImageFromArray(np.roll(sitk.GetArrayFromImage(sphere), (4, -8, 0),
+                                           axis=(0, 1, 2)))
+    moved.CopyInformation(sphere)
+    png = imread(qc_figure(_ct_with(moved), moved, tmp_path / "p1.png", dpi=80))[..., :3]
+    width = png.shape[1]
+    for panel in range(3):
+        third = png[:, panel * width // 3:(panel + 1) * width // 3]
+        lung = (np.ptp(third, axis=-1) < 0.01) & (np.abs(third[..., 0] - 0.33) < 0.05)
+        lung &= lung.sum(axis=1, keepdims=True) > 20  # not the grey edges of the text
+        lung = np.argwhere(lung)
+        middle = (lung.min(0) + lung.max(0)) / 2
+        red = np.argwhere(_red(third)).mean(0)
+        assert red[0] < middle[0] - 5, f"panel {panel}: the tumour is not in the upper half"
+        if panel == 2:
+            assert red[1] < middle[1] - 5, "sagittal: the tumour is not anterior (left)"
+        else:
+            assert red[1] == pytest.approx(middle[1], abs=3)
+
+
+def test_qc_figure_outlines_a_mask_thinner_than_a_pixel(tmp_path: Path) -> None:
+    # A rod one voxel thick, drawn at a quarter of a pixel a voxel: every plane shows it.
+    rod = np.zeros((61, 301, 301), dtype=np.uint8)  # z, y, x
+    rod[31, 151, 25:275] = 1  # rows and columns that nearest-neighbour scaling skips
+    mask = sitk.GetImageFromArray(rod)
+    mask.SetSpacing((0.8, 0.8, 2.5))
+    png = imread(qc_figure(_ct_with(mask), mask, tmp_path / "p1.png", dpi=40,
+                           figsize_in=(6.0, 2.0), context_mm=200.0))
+    assert png.shape[:2] == (80, 240)
+    for panel in range(3):
+        assert _red(png[:, panel * 80:(panel + 1) * 80]).any(), panel
+
+
+def test_qc_figure_rejects_a_figure_too_small_for_its_text(tmp_path: Path) -> None:
+    mask = _ellipsoid((5.0, 5.0, 5.0), size=(33, 33, 13))
+    with pytest.raises(ValueError, match="dpi"):
+        qc_figure(_ct_with(mask), mask, tmp_path / "small.png", dpi=20)
+    assert not (tmp_path / "small.png").exists()
 
 
 def test_qc_figure_rejects_a_mask_on_another_grid(tmp_path: Path) -> None:

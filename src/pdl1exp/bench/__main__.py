@@ -4,12 +4,13 @@
 those sections and keeps the others of an existing report (listed under ``machine`` as from
 an earlier run). ``--quick`` (what
 ``make bench BENCH_QUICK=1`` passes) keeps the scaling to 100, 240 and the e2e 352-patient
-cold run (no 1000/3000): its sections but scaling and paper took 9 min of the full run's
-34 on the 2-core machine of experiments/BENCHMARKS.md. The full run adds ``paper``
+cold run (no 1000/3000): its sections but scaling and paper took 9.5 min of the full run's
+30 on the 2-core machine of experiments/BENCHMARKS.md. The full run adds ``paper``
 (``+experiment=paper`` where the e2e runs left the cohort, masks and deep features cached:
-a first run that sweeps, nests and logs from scratch, then a warm one; 3 min) and scales to
+a first run that sweeps, nests and logs from scratch, then a warm one; 3.4 min) and scales to
 1000 and 3000 patients: 100, 352, 1000 and 3000 at the smaller volumes, 2 trials per
-classifier and 3 CV folds (its ``overrides`` and ``volumes`` say so).
+classifier and 3 CV folds (its ``overrides`` and ``volumes`` say so; 17 min, 10 of them at
+3000).
 """
 
 from __future__ import annotations
@@ -154,8 +155,8 @@ def _suites(quick: bool, scratch: ExitStack) -> dict[str, Callable[[], dict[str,
         if quick:  # the e2e and 240-patient runs, plus one of 100
             return bench_scaling.run(n=(100, 240, 352), overrides=fusion, known=measured)
         # Up to 3000 patients: every size at the smaller volumes, 2 trials per classifier
-        # and 3 CV folds, so that each exponent compares like with like and the section fits
-        # make bench's 30 min on 2 cores. Both are constant factors at every n: the
+        # and 3 CV folds, so that each exponent compares like with like and the whole bench
+        # keeps within 30 min on 2 cores. Both are constant factors at every n: the
         # classifiers' training (exempt from the O(n log n) bound) is a trial budget times a
         # fit, and the folds multiply the sweep's selections and the combined model's
         # cross-fit (its 5 x 6 LASSO refits per signature were most of the 3000-patient
