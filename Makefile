@@ -39,7 +39,7 @@ lint: $(STAMP) ## ruff check
 	$(BIN)/ruff check src tests
 
 # BENCH_QUICK=1: the subset without the paper section and the 1000/3000-patient scaling runs
-# (about 11 min on 2 cores; the full bench 30 min, 17 of them scaling: experiments/BENCHMARKS.md).
+# (about 10 min on 2 cores; the full bench 29 min, 16 of them scaling: experiments/BENCHMARKS.md).
 bench: $(STAMP) ## Benchmarks: writes experiments/BENCHMARKS.md and BENCHMARKS.json
 	$(BIN)/python -m pdl1exp.bench $(if $(BENCH_QUICK),--quick) $(ARGS)
 

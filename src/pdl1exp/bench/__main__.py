@@ -4,12 +4,12 @@
 those sections and keeps the others of an existing report (listed under ``machine`` as from
 an earlier run). ``--quick`` (what
 ``make bench BENCH_QUICK=1`` passes) keeps the scaling to 100, 240 and the e2e 352-patient
-cold run (no 1000/3000): its sections but scaling and paper took 9.5 min of the full run's
-30 on the 2-core machine of experiments/BENCHMARKS.md. The full run adds ``paper``
+cold run (no 1000/3000): its sections but scaling and paper took 9 min of the full run's
+29 on the 2-core machine of experiments/BENCHMARKS.md. The full run adds ``paper``
 (``+experiment=paper`` where the e2e runs left the cohort, masks and deep features cached:
-a first run that sweeps, nests and logs from scratch, then a warm one; 3.4 min) and scales to
+a first run that sweeps, nests and logs from scratch, then a warm one; 3.3 min) and scales to
 1000 and 3000 patients: 100, 352, 1000 and 3000 at the smaller volumes, 2 trials per
-classifier and 3 CV folds (its ``overrides`` and ``volumes`` say so; 17 min, 10 of them at
+classifier and 3 CV folds (its ``overrides`` and ``volumes`` say so; 16 min, 10 of them at
 3000).
 """
 
